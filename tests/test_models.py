@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import rel_err
 
 from growmem.models import CausalLM, ModelConfig, mixer_names
+from helpers import rel_err
 
 ALL = mixer_names()
 

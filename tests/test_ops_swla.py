@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import rel_err
 
 from growmem.ops.swla import chunk_swla, naive_swla, step_swla
+from helpers import rel_err
 
 
 def make(B, T, H, K, V, dtype=torch.float64, seed=0, state=False):
