@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from growmem.caching import MCConfig
 from growmem.models import CausalLM, ModelConfig, mixer_names
 from helpers import rel_err
 
@@ -14,6 +15,7 @@ ALL = mixer_names()
 
 def tiny(mixer, dtype=torch.float64, **kw) -> CausalLM:
     torch.manual_seed(0)
+    kw.setdefault("mc", MCConfig(segment_size=6, top_k=1))
     cfg = ModelConfig(vocab_size=50, d_model=32, n_layers=2, num_heads=2, mixer=mixer, chunk_size=8,
                       window=5, **kw)
     return CausalLM(cfg).to(dtype).eval()
@@ -33,7 +35,7 @@ def test_prefill_then_decode_equals_full_forward(mixer):
     x = ids()
     full = model(x).logits
     with torch.no_grad():
-        out = model(x[:, :9], use_cache=True)
+        out = model(x[:, :9], cache=model.new_cache(2, x.shape[1]), use_cache=True)
         logits = [out.logits]
         cache = out.cache
         for t in range(9, x.shape[1]):
@@ -48,7 +50,7 @@ def test_uneven_chunked_prefill_equals_full_forward(mixer):
     model = tiny(mixer)
     x = ids(T=40)
     full = model(x).logits
-    pieces, cache, pos = [], None, 0
+    pieces, cache, pos = [], model.new_cache(2, 40), 0
     with torch.no_grad():
         for n in (7, 1, 13, 19):
             out = model(x[:, pos: pos + n], cache=cache, use_cache=True)
@@ -64,7 +66,8 @@ def test_causality_and_gradients(mixer):
     y = x.clone()
     y[:, 15:] = (y[:, 15:] + 1) % 50
     a, b = model(x).logits, model(y).logits
-    assert torch.equal(a[:, :15], b[:, :15])
+    # (not bit-equal for SSC: its gathered batch size depends on the whole sequence, so BLAS rounds differently)
+    assert rel_err(a[:, :15], b[:, :15]) < 1e-12
     assert not torch.allclose(a[:, 15:], b[:, 15:])
     out = model(x, targets=torch.roll(x, -1, 1))
     out.loss.backward()

@@ -31,13 +31,20 @@ class LinearMixer(TokenMixer):
         expand_v: V = ``int(K * expand_v)``.
         conv_size: kernel of the short convolution on q, k, v (``use_short_conv``).
         use_output_gate: gated RMSNorm ``norm(o) * silu(x W_g)``; else plain RMSNorm.
+        use_output_norm: with ``use_output_gate=False``, whether to RMS-normalize o at all.
         chunk_size: chunk length of the parallel pass.
+
+    Extra per-head inputs a memory asks for (``memory.input_projections``, e.g. Memory Caching's
+    connector ``u``) get their own bias-free projection ``<name>_proj`` and reach the memory in
+    ``gates``. With ``use_short_conv=False, use_output_gate=False, use_output_norm=False`` the layer
+    is the *plain linear memory* of the MC paper: only ``q_proj, k_proj, v_proj(, u_proj), o_proj``
+    (bias-free) around the memory.
     """
 
     def __init__(self, d_model: int, num_heads: int, memory_factory: Callable[..., Memory],
                  head_k_dim: int | None = None, expand_v: float = 1.0, use_short_conv: bool = True,
                  conv_size: int = 4, use_output_gate: bool = True, chunk_size: int = 64,
-                 norm_eps: float = 1e-6) -> None:
+                 norm_eps: float = 1e-6, use_output_norm: bool = True) -> None:
         super().__init__()
         if num_heads < 1 or d_model < 1:
             raise ValueError(f"d_model and num_heads must be >= 1, got {d_model}, {num_heads}")
@@ -58,6 +65,9 @@ class LinearMixer(TokenMixer):
         self.gate_sizes = dict(self.memory.gate_features)
         n_gate = sum(self.gate_sizes.values())
         self.gate_proj = nn.Linear(d_model, H * n_gate, bias=True) if n_gate else None
+        self.input_sizes = dict(self.memory.input_projections)
+        for name, n in self.input_sizes.items():
+            setattr(self, f"{name}_proj", nn.Linear(d_model, H * n, bias=False))
         self.use_short_conv = use_short_conv
         if use_short_conv:
             self.q_conv = ShortConvolution(H * K, conv_size)
@@ -67,8 +77,10 @@ class LinearMixer(TokenMixer):
         if use_output_gate:
             self.g_proj = nn.Linear(d_model, H * V, bias=False)
             self.o_norm: nn.Module = GatedRMSNorm(V, eps=norm_eps)
-        else:
+        elif use_output_norm:
             self.o_norm = RMSNorm(V, eps=norm_eps)
+        else:
+            self.o_norm = nn.Identity()
         self.o_proj = nn.Linear(H * V, d_model, bias=False)
 
     def project(self, x: torch.Tensor, cache: Cache | None, use_cache: bool):
@@ -90,6 +102,8 @@ class LinearMixer(TokenMixer):
             parts = self.gate_proj(x).view(B, T, H, -1).split(list(self.gate_sizes.values()), dim=-1)
             raw = dict(zip(self.gate_sizes, parts, strict=True))
         gates = self.memory.make_gates(raw)
+        for name, n in self.input_sizes.items():
+            gates[name] = getattr(self, f"{name}_proj")(x).view(B, T, H, n)
         return q, k, v, gates, new
 
     def output(self, x: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
@@ -100,6 +114,12 @@ class LinearMixer(TokenMixer):
         else:
             o = self.o_norm(o)
         return self.o_proj(o.reshape(B, T, -1))
+
+    def new_cache(self, batch_size: int, total_length: int | None = None) -> Cache | None:
+        """An empty decoding cache (only needed by memories whose streaming state needs set-up, such as
+        Memory Caching with a logarithmic plan, which must know the total length)."""
+        state = self.memory.new_state(batch_size, total_length)
+        return None if state is None else {"state": state}
 
     def forward(self, x: torch.Tensor, cache: Cache | None = None,
                 use_cache: bool = False) -> tuple[torch.Tensor, Cache | None]:

@@ -26,12 +26,19 @@ class Memory(nn.Module):
         name: registry name of the rule.
         gate_features: number of projected features per head for each raw gate the rule needs
             (the layer projects ``x`` to ``H * sum(gate_features.values())`` numbers per token).
+        input_projections: extra per-head inputs projected from x by separate bias-free linear maps
+            named ``<name>_proj`` (e.g. Memory Caching's connector ``u``), passed in ``gates``.
         l2_normalize_qk: whether the layer must L2-normalize q and k per head.
+        linear_readout: the output is linear in the readable state, ``read(sum_i w_i S_i) =
+            sum_i w_i read(S_i)`` (true for matrix memories; false for deep MLP memories). Wrappers
+            use it to collapse sums of states (Residual) and to equate Memory Soup with GRM.
     """
 
     name: str = "memory"
     gate_features: dict[str, int] = {}
+    input_projections: dict[str, int] = {}
     l2_normalize_qk: bool = False
+    linear_readout: bool = True
 
     def __init__(self, num_heads: int, head_k_dim: int, head_v_dim: int, chunk_size: int = 64) -> None:
         super().__init__()
@@ -49,7 +56,11 @@ class Memory(nn.Module):
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gates: Gates,
                 initial_state: Any = None, output_final_state: bool = False,
                 return_chunk_states: bool = False) -> tuple:
-        """Chunked parallel pass: ``(o [B, T, H, V], final_state | None[, chunk_states [B, NC, H, K, V]])``."""
+        """Chunked parallel pass: ``(o [B, T, H, V], final_state | None[, chunk_states])``.
+
+        ``initial_state=None`` means the rule's initial (zero) state. ``chunk_states`` are the
+        *readable* states after every ``chunk_size`` tokens, stacked on dim 1 (``[B, NC, H, K, V]``).
+        """
         raise NotImplementedError
 
     def step(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gates: Gates,
@@ -61,11 +72,19 @@ class Memory(nn.Module):
         """The part of a state that is read by queries: ``[B, H, K, V]``."""
         return state
 
-    @staticmethod
-    def read(states: torch.Tensor, q: torch.Tensor, scale: float) -> torch.Tensor:
-        """Read many matrix states with many queries: states ``[B, N, H, K, V]``, q ``[B, T, H, K]``
-        -> ``[B, T, N, H, V]`` with ``out[b, t, n] = states[b, n]^T (scale q[b, t])``."""
-        return torch.einsum("bthk,bnhkv->btnhv", q * scale, states)
+    @property
+    def scale(self) -> float:
+        """Query scale of the rule's readout (K^-1/2, the ops' default)."""
+        return self.head_k_dim ** -0.5
+
+    def new_state(self, batch_size: int, total_length: int | None = None) -> Any:
+        """A fresh state for streaming (``None`` = the rule's zero state, created lazily)."""
+        return None
+
+    def read(self, states: Any, q: torch.Tensor) -> torch.Tensor:
+        """Read many readable states with many queries: states stacked on dim 1 (``[B, N, H, K, V]``),
+        q ``[B, T, H, K]`` -> ``[B, T, N, H, V]`` with ``out[b, t, n] = states[b, n]^T (scale q[b, t])``."""
+        return torch.einsum("bthk,bnhkv->btnhv", q * self.scale, states)
 
     def state_size(self) -> int:
         """Number of floats in one head-batch element of the readable state (H * K * V)."""

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
+
+from growmem.caching.config import MCConfig
 
 
 @dataclass
@@ -12,6 +14,9 @@ class ModelConfig:
 
     ``mixer`` is one registry name for every layer, or a list of names cycled over the layers
     (a hybrid such as ``["gdn", "attn"]``). See :func:`growmem.models.registry.mixer_names`.
+    Memory Caching mixers (``<memory>+<res|grm|soup|ssc|avg>``, ``loglinear++``) read ``mc``.
+    ``plain_linear`` strips linear mixers to the MC paper's plain linear memory (no short conv, no
+    output gate or norm; bias-free ``q/k/v/u/o_proj`` only).
     """
 
     vocab_size: int = 256
@@ -30,6 +35,8 @@ class ModelConfig:
     norm_eps: float = 1e-6
     tie_embeddings: bool = True
     init_std: float = 0.02
+    plain_linear: bool = False
+    mc: MCConfig = field(default_factory=MCConfig)
 
     def __post_init__(self) -> None:
         from growmem.models.registry import get_mixer_spec
@@ -49,6 +56,10 @@ class ModelConfig:
             raise ValueError(f"mlp_hidden must be >= 1, got {self.mlp_hidden}")
         if self.norm_eps <= 0 or self.init_std <= 0 or self.rope_base <= 1:
             raise ValueError("norm_eps and init_std must be > 0 and rope_base > 1")
+        if isinstance(self.mc, dict):
+            self.mc = MCConfig(**self.mc)
+        if not isinstance(self.mc, MCConfig):
+            raise ValueError(f"ModelConfig.mc must be an MCConfig, got {type(self.mc).__name__}")
         names = [self.mixer] if isinstance(self.mixer, str) else list(self.mixer)
         if not names:
             raise ValueError("mixer must be a name or a non-empty list of names")
@@ -79,4 +90,7 @@ class ModelConfig:
         unknown = set(d) - known
         if unknown:
             raise ValueError(f"unknown ModelConfig fields: {sorted(unknown)}")
+        d = dict(d)
+        if isinstance(d.get("mc"), dict):
+            d["mc"] = MCConfig(**d["mc"])
         return cls(**d)

@@ -111,6 +111,12 @@ class CausalLM(nn.Module):
                                    ignore_index=IGNORE_INDEX)
         return LMOutput(logits, loss, new_cache if use_cache else None)
 
+    def new_cache(self, batch_size: int, total_length: int | None = None) -> list[Cache | None]:
+        """Empty per-layer decoding caches for a stream of at most ``total_length`` tokens (the total
+        length matters only to mixers whose plan depends on it, e.g. logarithmic Memory Caching)."""
+        return [layer.mixer.new_cache(batch_size, total_length) if hasattr(layer.mixer, "new_cache") else None
+                for layer in self.layers]
+
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
                  top_k: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -124,7 +130,8 @@ class CausalLM(nn.Module):
             raise ValueError(f"temperature must be >= 0, got {temperature}")
         if top_k is not None and top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {top_k}")
-        out = self(input_ids, use_cache=True)
+        cache0 = self.new_cache(input_ids.shape[0], input_ids.shape[1] + max_new_tokens)
+        out = self(input_ids, cache=cache0, use_cache=True)
         seq = [input_ids.long()]
         cache = out.cache
         logits = out.logits[:, -1]

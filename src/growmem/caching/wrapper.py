@@ -1,0 +1,359 @@
+r"""Memory Caching: one wrapper that gives any :class:`~growmem.memories.base.Memory` a growing memory.
+
+MC paper (Behrouz et al., arXiv 2602.24281). The sequence is cut into segments (see
+:mod:`growmem.caching.segments`); inside a segment the base memory updates as usual (Eq. 4); at the
+end of segment i its state M(i) is cached with a pooled key p(i) (the sum, or mean, of the segment's
+keys). Token t of segment s(t) reads its online memory M_t and the cached ones, i < s(t):
+
+* Residual (``res``, Eq. 7):   y_t = M_t(q_t) + sum_i M(i)(q_t)
+* Gated Residual (``grm``, Eqs. 9-10): gamma_t = softmax({<u_t, p(i)>}_i, <u_t, p_t^online>) / tau;
+  y_t = gamma_t^online M_t(q_t) + sum_i gamma_t^i M(i)(q_t)
+* Memory Soup (``soup``, Eqs. 14-15): the memory whose parameters are the gamma-mixture of the
+  memories' parameters, applied to q_t. For memories with a linear readout it equals GRM exactly.
+* Sparse Selective Caching (``ssc``, Eqs. 16-17): only the ``top_k`` cached memories with the
+  largest <u_t, p(i)> enter the softmax (the online memory always does); only they are read.
+* Post-training average (``avg``, Sec. 4.3): y_t = M_t(q_t) + mean_i M(i)(q_t), no learned weights.
+
+Shapes: q, k, u ``[B, T, H, K]``, v ``[B, T, H, V]``; cached readable states stacked on dim 1
+(``[B, N, H, K, V]`` for matrix memories); pooled keys ``[B, N, H, K]``.
+
+The parallel forward has no per-token loop: the base memory runs chunked (one pass for
+``checkpoint``; segments folded into the batch for ``restart``), and the reads of the cached memories
+are batched per segment (a Python loop over segments, not tokens). Streaming decode uses the same
+code with T = 1 and an :class:`MCState`, so token-by-token output equals the parallel forward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils._pytree import tree_map
+
+from growmem.caching.config import AGGREGATIONS, MCConfig
+from growmem.caching.segments import SegmentPlan
+from growmem.memories.base import Gates, Memory
+
+
+@dataclass
+class MCState:
+    """Streaming state of a cached memory.
+
+    Attributes:
+        online: the base memory's state (``None`` = its initial state).
+        cached: readable states of finished segments stacked on dim 1 (``None`` if none yet).
+        pools: pooled keys of the finished segments ``[B, N, H, K]`` (``None`` if none yet).
+        pool: running key sum of the current segment ``[B, H, K]`` (``None`` = zero).
+        count: tokens seen in the current segment.
+        pos: tokens seen in total.
+        total_length: the planned total length (needed by logarithmic segmentation).
+    """
+
+    online: Any = None
+    cached: Any = None
+    pools: torch.Tensor | None = None
+    pool: torch.Tensor | None = None
+    count: int = 0
+    pos: int = 0
+    total_length: int | None = None
+
+    @property
+    def num_cached(self) -> int:
+        return 0 if self.pools is None else self.pools.shape[1]
+
+
+def _cat1(a: Any, b: Any) -> Any:
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return tree_map(lambda x, y: torch.cat([x, y], dim=1), a, b)
+
+
+def _slice1(s: Any, lo: int, hi: int) -> Any:
+    return tree_map(lambda x: x[:, lo:hi], s)
+
+
+def _stack1(states: list[Any]) -> Any:
+    return tree_map(lambda *xs: torch.stack(xs, dim=1), *states) if states else None
+
+
+class CachedMemory(Memory):
+    """Memory Caching around any base memory (see the module docstring for the equations).
+
+    Args:
+        base: the memory to cache (linear family, deep memories, BMRU, ...).
+        aggregation: ``res``, ``grm``, ``soup``, ``ssc`` or ``avg``.
+        config: :class:`~growmem.caching.config.MCConfig`.
+
+    Inputs as for any memory; ``gates`` additionally carries ``u [B, T, H, K]`` when the connector
+    is a projection (the layer creates ``u_proj`` from :attr:`input_projections`).
+    """
+
+    def __init__(self, base: Memory, aggregation: str, config: MCConfig | None = None) -> None:
+        super().__init__(base.num_heads, base.head_k_dim, base.head_v_dim, base.chunk_size)
+        if aggregation not in AGGREGATIONS:
+            raise ValueError(f"unknown MC aggregation {aggregation!r}; choose from {', '.join(AGGREGATIONS)}")
+        self.base = base
+        self.aggregation = aggregation
+        self.config = config or MCConfig()
+        self.name = f"{base.name}+{aggregation}"
+        self.gate_features = dict(base.gate_features)
+        self.l2_normalize_qk = base.l2_normalize_qk
+        self.linear_readout = base.linear_readout
+        self.uses_connector = aggregation in ("grm", "soup", "ssc")
+        self.input_projections = dict(base.input_projections)
+        if self.uses_connector and self.config.connector == "proj":
+            self.input_projections["u"] = base.head_k_dim
+        if aggregation == "soup" and not base.linear_readout and not hasattr(base, "soup_read"):
+            raise ValueError(f"Memory Soup needs {type(base).__name__}.soup_read (its readout is not linear)")
+
+    # -- the Memory interface ------------------------------------------------------------------
+    def make_gates(self, raw: Gates) -> Gates:
+        return self.base.make_gates(raw)
+
+    def new_state(self, batch_size: int, total_length: int | None = None) -> MCState:
+        if total_length is not None and total_length < 1:
+            raise ValueError(f"total_length must be >= 1, got {total_length}")
+        return MCState(total_length=total_length)
+
+    def state_size(self) -> int:
+        return self.base.state_size()
+
+    def step(self, q, k, v, gates, state):
+        o, new_state = self.forward(q[:, None], k[:, None], v[:, None], {n: g[:, None] for n, g in gates.items()},
+                                    initial_state=state, output_final_state=True)
+        return o[:, 0], new_state
+
+    def plan(self, state: MCState, T: int) -> SegmentPlan:
+        cfg = self.config
+        total = state.total_length
+        if total is None and cfg.segmentation == "log" and state.pos == 0:
+            total = T
+        return SegmentPlan(cfg.segmentation, cfg.segment_size, total, cfg.segment_lengths)
+
+    def forward(self, q, k, v, gates, initial_state=None, output_final_state=False, return_chunk_states=False):
+        if return_chunk_states:
+            raise ValueError("a cached memory does not return chunk states")
+        if initial_state is not None and not isinstance(initial_state, MCState):
+            raise TypeError(f"initial_state of a cached memory must be an MCState, got {type(initial_state).__name__}")
+        st = initial_state or MCState()
+        gates = dict(gates)
+        u = gates.pop("u", None)
+        if self.uses_connector:
+            if self.config.connector == "q":
+                u = q
+            elif u is None or u.shape != q.shape:
+                raise ValueError(f"{self.name} needs the connector u [B, T, H, K] in gates['u']")
+        B, T = q.shape[:2]
+        pieces = self.plan(st, T).pieces(st.pos, T)
+        o_on, seg_states, online = self._online_pass(q, k, v, gates, st, pieces)
+        cached = _cat1(st.cached, seg_states)
+        pools_new, pool_on, pool_last = self._pools(k, st, pieces)
+        pools = pools_new if st.pools is None else (st.pools if pools_new is None else torch.cat([st.pools, pools_new], 1))
+        read_cached = tree_map(torch.Tensor.detach, cached) if self.config.detach_cached else cached
+        y = self._aggregate(q, u, o_on, pool_on, read_cached, pools, st.num_cached, pieces)
+        if not output_final_state:
+            return y, None
+        last_ends = pieces[-1][2]
+        new = MCState(
+            online=None if (last_ends and self.config.init == "restart") else online,
+            cached=cached, pools=pools,
+            pool=None if last_ends else pool_last,
+            count=0 if last_ends else (st.count + T if len(pieces) == 1 else pieces[-1][1] - pieces[-1][0]),
+            pos=st.pos + T, total_length=st.total_length)
+        return y, new
+
+    # -- the online memory -----------------------------------------------------------------------
+    def _run(self, q, k, v, gates, lo, hi, init):
+        """The base memory on local positions [lo, hi) from ``init``: (o, final state)."""
+        g = {n: x[:, lo:hi] for n, x in gates.items()}
+        if hi - lo == 1 and init is not None:
+            o, s = self.base.step(q[:, lo], k[:, lo], v[:, lo], {n: x[:, 0] for n, x in g.items()}, init)
+            return o[:, None], s
+        return self.base(q[:, lo:hi], k[:, lo:hi], v[:, lo:hi], g, initial_state=init, output_final_state=True)
+
+    def _online_pass(self, q, k, v, gates, st: MCState, pieces):
+        """Online outputs [B, T, H, V], the readable states at the segment ends inside the window
+        stacked on dim 1 (None if no segment ends here), and the online state after the window."""
+        B, T = q.shape[:2]
+        ends = [stop for _, stop, e in pieces if e]
+        cs = self.base.chunk_size
+        if self.config.init == "checkpoint":
+            if ends and T > 1 and all(e % cs == 0 for e in ends) and T >= cs:
+                o, final, chunk_states = self.base(q, k, v, gates, initial_state=st.online, output_final_state=True,
+                                                   return_chunk_states=True)
+                idx = torch.tensor([e // cs - 1 for e in ends], device=q.device)
+                return o, tree_map(lambda x: x.index_select(1, idx), chunk_states), final
+            outs, seg_states, state = [], [], st.online
+            for lo, hi, e in pieces:
+                o, state = self._run(q, k, v, gates, lo, hi, state)
+                outs.append(o)
+                if e:
+                    seg_states.append(self.base.readable(state))
+            return torch.cat(outs, 1) if len(outs) > 1 else outs[0], _stack1(seg_states), state
+        # restart: every segment starts from the initial state; equal-length fresh segments are
+        # folded into the batch and run at once.
+        outs, seg_states, state = [], [], None
+        i = 0
+        while i < len(pieces):
+            lo, hi, e = pieces[i]
+            if i == 0 and st.count > 0:  # continue the current segment from its online state
+                o, state = self._run(q, k, v, gates, lo, hi, st.online)
+                outs.append(o)
+                if e:
+                    seg_states.append(self.base.readable(state))
+                i += 1
+                continue
+            n = hi - lo
+            j = i
+            while j + 1 < len(pieces) and pieces[j + 1][1] - pieces[j + 1][0] == n and pieces[j + 1][2]:
+                j += 1
+            m = j - i + 1
+            if m == 1:
+                o, state = self._run(q, k, v, gates, lo, hi, None)
+                outs.append(o)
+                if e:
+                    seg_states.append(self.base.readable(state))
+            else:
+                def fold(x, lo=lo, m=m, n=n):
+                    return x[:, lo: lo + m * n].reshape(B * m, n, *x.shape[2:])
+                o, fin = self.base(fold(q), fold(k), fold(v), {nm: fold(x) for nm, x in gates.items()},
+                                   output_final_state=True)
+                outs.append(o.reshape(B, m * n, *o.shape[2:]))
+                fin_b = tree_map(lambda x, m=m: x.reshape(B, m, *x.shape[1:]), fin)
+                for r in range(m):
+                    seg_states.append(self.base.readable(tree_map(lambda x, r=r: x[:, r], fin_b)))
+                state = tree_map(lambda x: x[:, -1], fin_b)
+            i = j + 1
+        return torch.cat(outs, 1) if len(outs) > 1 else outs[0], _stack1(seg_states), state
+
+    # -- pooled keys -------------------------------------------------------------------------------
+    def _pools(self, k, st: MCState, pieces):
+        """Pooled keys of the segments finished in this window ``[B, J, H, K]`` (or None), the online
+        pool of every token ``[B, T, H, K]`` and the running pool after the window."""
+        mean = self.config.pooling == "mean"
+        on, fin = [], []
+        last = None
+        for i, (lo, hi, e) in enumerate(pieces):
+            c = k[:, lo:hi].cumsum(1)
+            count0 = 0
+            if i == 0 and st.count > 0:
+                if st.pool is not None:
+                    c = c + st.pool[:, None]
+                count0 = st.count
+            last = c[:, -1]
+            if mean:
+                n = torch.arange(count0 + 1, count0 + hi - lo + 1, device=k.device, dtype=k.dtype)
+                c = c / n[None, :, None, None]
+            on.append(c)
+            if e:
+                fin.append(c[:, -1])
+        pool_on = torch.cat(on, 1) if len(on) > 1 else on[0]
+        return (torch.stack(fin, 1) if fin else None), pool_on, last
+
+    # -- aggregation ---------------------------------------------------------------------------------
+    def _aggregate(self, q, u, o_on, pool_on, cached, pools, n0, pieces):
+        agg = self.aggregation
+        if pools is None:  # nothing cached anywhere in this window: every variant is the base memory
+            return o_on
+        if agg == "ssc":
+            return self._ssc(q, u, o_on, pool_on, cached, pools, n0, pieces)
+        lin = self.linear_readout and isinstance(cached, torch.Tensor)
+        B, T, H, K = q.shape
+        outs = []
+        running = None  # prefix sum of cached states (linear readout, res/avg)
+        n_done = 0
+        flat = None
+        if lin and agg in ("grm", "soup"):
+            # [B, H, N*K, V]: every cached state of a head side by side, so a segment's weighted reads
+            # are one matmul (weighted-query form: sum_i g_i S_i^T q = [g_1 q, ..., g_n q] [S_1; ...; S_n]).
+            flat = cached.permute(0, 2, 1, 3, 4).reshape(B, H, -1, cached.shape[-1])
+        for j, (lo, hi, _) in enumerate(pieces):
+            n = n0 + j
+            qj, oj = q[:, lo:hi], o_on[:, lo:hi]
+            if n == 0:
+                outs.append(oj)
+                continue
+            if agg in ("res", "avg"):
+                if lin:
+                    add = cached[:, n_done:n].sum(1)
+                    running = add if running is None else running + add
+                    n_done = n
+                    r = self.base.read(running[:, None], qj)[:, :, 0]
+                else:
+                    r = self.base.read(_slice1(cached, 0, n), qj).sum(2)
+                outs.append(oj + (r / n if agg == "avg" else r))
+                continue
+            uj = u[:, lo:hi]
+            scores = torch.einsum("blhk,bnhk->blhn", uj, pools[:, :n])
+            s_on = (uj * pool_on[:, lo:hi]).sum(-1, keepdim=True)
+            gamma = torch.softmax(torch.cat([s_on, scores], -1) / self.config.temperature, dim=-1)
+            g_on, g_c = gamma[..., :1], gamma[..., 1:]  # [B, L, H, 1], [B, L, H, n]
+            if agg == "soup" and not self.linear_readout:
+                outs.append(self.base.soup_read(qj, oj, g_on, _slice1(cached, 0, n), g_c))
+                continue
+            if flat is not None:
+                wq = (g_c[..., None] * (qj * self.base.scale)[:, :, :, None, :]).reshape(B, hi - lo, H, n * K)
+                r = (wq.transpose(1, 2) @ flat[:, :, : n * K]).transpose(1, 2)
+            else:
+                r = (self.base.read(_slice1(cached, 0, n), qj) * g_c.permute(0, 1, 3, 2)[..., None]).sum(2)
+            outs.append(g_on * oj + r)
+        return torch.cat(outs, 1) if len(outs) > 1 else outs[0]
+
+    def _ssc(self, q, u, o_on, pool_on, cached, pools, n0, pieces):
+        """Sparse Selective Caching: per token, softmax over the online memory and the ``top_k`` cached
+        memories with the largest <u_t, p(i)>; then a loop over cached memories (not tokens) that
+        gathers the tokens which selected memory i, reads it once for them, and scatters back."""
+        B, T, H, K = q.shape
+        V = o_on.shape[-1]
+        kmax = self.config.top_k
+        sel_parts, w_parts, gon_parts = [], [], []
+        first_token = []  # local position of the first token that can see cached memory i
+        for j, (lo, hi, _) in enumerate(pieces):
+            n = n0 + j
+            L = hi - lo
+            first_token.extend([lo] * (n - len(first_token)))
+            if n == 0:
+                sel_parts.append(q.new_full((B, L, H, kmax), -1, dtype=torch.long))
+                w_parts.append(q.new_zeros(B, L, H, kmax))
+                gon_parts.append(q.new_ones(B, L, H, 1))
+                continue
+            uj = u[:, lo:hi]
+            scores = torch.einsum("blhk,bnhk->blhn", uj, pools[:, :n])
+            kk = min(kmax, n)
+            top, idx = scores.topk(kk, dim=-1)
+            s_on = (uj * pool_on[:, lo:hi]).sum(-1, keepdim=True)
+            gamma = torch.softmax(torch.cat([s_on, top], -1) / self.config.temperature, dim=-1)
+            g_sel = gamma[..., 1:]
+            if kk < kmax:
+                idx = torch.cat([idx, idx.new_full((B, L, H, kmax - kk), -1)], -1)
+                g_sel = torch.cat([g_sel, g_sel.new_zeros(B, L, H, kmax - kk)], -1)
+            sel_parts.append(idx)
+            w_parts.append(g_sel)
+            gon_parts.append(gamma[..., :1])
+        cat = (lambda xs: torch.cat(xs, 1) if len(xs) > 1 else xs[0])  # noqa: E731
+        sel, w, g_on = cat(sel_parts), cat(w_parts), cat(gon_parts)
+        out = (g_on * o_on).reshape(B * T * H, V)
+        n_total = pools.shape[1]
+        base_rows = (torch.arange(B, device=q.device)[:, None, None] * T * H
+                     + torch.arange(H, device=q.device)[None, None, :])  # [B, 1, H]
+        for i in range(n_total):
+            t0 = first_token[i] if i < len(first_token) else T
+            if t0 >= T:
+                continue
+            hit_k = sel[:, t0:] == i  # [B, T', H, kmax]
+            hit = hit_k.any(-1)
+            counts = hit.sum(1)  # [B, H]
+            c = int(counts.max())
+            if c == 0:
+                continue
+            wi = (w[:, t0:] * hit_k).sum(-1)  # [B, T', H]
+            order = torch.argsort((~hit).to(torch.int8), dim=1, stable=True)[:, :c]  # [B, c, H]
+            qg = q[:, t0:].gather(1, order[..., None].expand(B, c, H, K))
+            wg = wi.gather(1, order)  # zero where the row is padding
+            r = self.base.read(_slice1(cached, i, i + 1), qg)[:, :, 0] * wg[..., None]  # [B, c, H, V]
+            rows = (base_rows + (order + t0) * H).reshape(-1)
+            out.index_add_(0, rows, r.reshape(-1, V))
+        return out.reshape(B, T, H, V)

@@ -1,0 +1,227 @@
+"""Memory Caching: the parallel wrapper against the per-token reference, analytic identities,
+streaming, gradients and option validation, on every linear memory."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import rel_err
+
+from growmem.caching import CachedMemory, MCConfig, MCState, SegmentPlan, log_plan
+from growmem.caching.reference import naive_memory_caching
+from growmem.memories import (
+    DeltaNetMemory,
+    GatedDeltaNetMemory,
+    GLAMemory,
+    LinearAttentionMemory,
+    ScalarGLAMemory,
+    SWLAMemory,
+)
+
+BASES = [LinearAttentionMemory, ScalarGLAMemory, GLAMemory, SWLAMemory, DeltaNetMemory, GatedDeltaNetMemory]
+AGGS = ["res", "grm", "soup", "ssc", "avg"]
+
+
+def inputs(base, B=2, T=23, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    H, K, V = base.num_heads, base.head_k_dim, base.head_v_dim
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    q, k, v, u = r(B, T, H, K), r(B, T, H, K), r(B, T, H, V), r(B, T, H, K)
+    if base.l2_normalize_qk:
+        q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+    raw = {n: r(B, T, H, f) for n, f in base.gate_features.items()}
+    return q, k, v, u, base.make_gates(raw)
+
+
+def make(base_cls, agg, chunk=4, **mc):
+    torch.manual_seed(0)
+    base = base_cls(2, 4, 3, chunk).double()
+    return CachedMemory(base, agg, MCConfig(**mc)).double()
+
+
+def run(mem, q, k, v, u, gates, state=None, final=False):
+    gs = dict(gates, u=u) if "u" in mem.input_projections else gates
+    return mem(q, k, v, gs, initial_state=state, output_final_state=final)
+
+
+@pytest.mark.parametrize("base_cls", BASES)
+@pytest.mark.parametrize("agg", AGGS)
+@pytest.mark.parametrize("init", ["checkpoint", "restart"])
+def test_parallel_equals_reference(base_cls, agg, init):
+    mem = make(base_cls, agg, segment_size=8, init=init, top_k=2)
+    q, k, v, u, gates = inputs(mem.base)
+    y, _ = run(mem, q, k, v, u, gates)
+    ref = naive_memory_caching(mem.base, agg, mem.config, q, k, v, gates, u)
+    assert rel_err(y, ref) < 1e-10
+
+
+@pytest.mark.parametrize("seg", [dict(segmentation="log"), dict(segmentation="explicit", segment_lengths=(5, 3, 9, 6)),
+                                 dict(segment_size=5), dict(segment_size=1), dict(segment_size=100)])
+@pytest.mark.parametrize("agg", AGGS)
+@pytest.mark.parametrize("extra", [dict(), dict(pooling="mean", temperature=0.5, connector="q", init="restart")])
+def test_segmentations_and_options_equal_reference(seg, agg, extra):
+    mem = make(GatedDeltaNetMemory, agg, **seg, **extra)
+    q, k, v, u, gates = inputs(mem.base)
+    y, _ = run(mem, q, k, v, u, gates)
+    ref = naive_memory_caching(mem.base, agg, mem.config, q, k, v, gates, u)
+    assert rel_err(y, ref) < 1e-10
+
+
+def test_log_plan():
+    assert log_plan(37) == [32, 4, 1]
+    assert log_plan(1) == [1]
+    assert log_plan(64) == [64]
+    assert sum(log_plan(1000)) == 1000
+
+
+@pytest.mark.parametrize("agg", AGGS)
+def test_one_segment_equals_base_memory(agg):
+    mem = make(GatedDeltaNetMemory, agg, segment_size=64)
+    q, k, v, u, gates = inputs(mem.base, T=40)
+    y, _ = run(mem, q, k, v, u, gates)
+    o, _ = mem.base(q, k, v, gates)
+    assert rel_err(y, o) < 1e-13
+
+
+def test_residual_on_linear_memory_is_one_memory_with_summed_states():
+    # y_t = S_t^T q + sum_i S(i)^T q = (S_t + sum_i S(i))^T q   (MC paper Eq. 13)
+    mem = make(LinearAttentionMemory, "res", segment_size=6)
+    q, k, v, u, gates = inputs(mem.base, T=20)
+    y, _ = run(mem, q, k, v, u, gates)
+    S = torch.zeros(2, 2, 4, 3, dtype=torch.float64)
+    cached_sum = torch.zeros_like(S)
+    scale = 4 ** -0.5
+    for t in range(20):
+        S = S + k[:, t, :, :, None] * v[:, t, :, None, :]
+        expect = torch.einsum("bhk,bhkv->bhv", q[:, t] * scale, S + cached_sum)
+        assert rel_err(y[:, t], expect) < 1e-12
+        if (t + 1) % 6 == 0:
+            cached_sum = cached_sum + S
+
+
+@pytest.mark.parametrize("base_cls", BASES)
+def test_soup_equals_grm_on_linear_memories(base_cls):
+    grm, soup = make(base_cls, "grm", segment_size=5), make(base_cls, "soup", segment_size=5)
+    soup.load_state_dict(grm.state_dict())
+    q, k, v, u, gates = inputs(grm.base)
+    assert rel_err(run(soup, q, k, v, u, gates)[0], run(grm, q, k, v, u, gates)[0]) < 1e-12
+
+
+def test_ssc_with_k_at_least_cached_equals_grm():
+    grm, ssc = make(GatedDeltaNetMemory, "grm", segment_size=4), make(GatedDeltaNetMemory, "ssc", segment_size=4, top_k=6)
+    ssc.load_state_dict(grm.state_dict())
+    q, k, v, u, gates = inputs(grm.base, T=24)  # at most 5 cached segments
+    assert rel_err(run(ssc, q, k, v, u, gates)[0], run(grm, q, k, v, u, gates)[0]) < 1e-12
+
+
+def test_ssc_with_small_k_differs_from_grm():
+    grm, ssc = make(GatedDeltaNetMemory, "grm", segment_size=4), make(GatedDeltaNetMemory, "ssc", segment_size=4, top_k=1)
+    q, k, v, u, gates = inputs(grm.base, T=24)
+    assert rel_err(run(ssc, q, k, v, u, gates)[0], run(grm, q, k, v, u, gates)[0]) > 1e-3
+
+
+def test_checkpoint_and_restart_differ_only_after_the_first_segment():
+    a, b = make(GatedDeltaNetMemory, "grm", segment_size=8), make(GatedDeltaNetMemory, "grm", segment_size=8,
+                                                                   init="restart")
+    q, k, v, u, gates = inputs(a.base)
+    ya, yb = run(a, q, k, v, u, gates)[0], run(b, q, k, v, u, gates)[0]
+    assert rel_err(ya[:, :8], yb[:, :8]) < 1e-14
+    assert rel_err(ya[:, 8:], yb[:, 8:]) > 1e-3
+
+
+@pytest.mark.parametrize("base_cls", BASES)
+@pytest.mark.parametrize("agg", AGGS)
+@pytest.mark.parametrize("seg", [dict(segment_size=5), dict(segmentation="log"), dict(segment_size=4, init="restart")])
+def test_streaming_equals_parallel(base_cls, agg, seg):
+    mem = make(base_cls, agg, **seg)
+    T = 19
+    q, k, v, u, gates = inputs(mem.base, T=T)
+    y, _ = run(mem, q, k, v, u, gates)
+    state = mem.new_state(2, total_length=T)
+    outs = []
+    # a prefill piece, then single tokens, then an uneven piece
+    for lo, hi in [(0, 7), *[(t, t + 1) for t in range(7, 12)], (12, 19)]:
+        sl = lambda x: x[:, lo:hi]  # noqa: E731
+        o, state = run(mem, sl(q), sl(k), sl(v), sl(u), {n: sl(g) for n, g in gates.items()}, state, final=True)
+        outs.append(o)
+    assert isinstance(state, MCState) and state.pos == T
+    assert rel_err(torch.cat(outs, 1), y) < 1e-11
+
+
+def test_step_equals_parallel():
+    mem = make(SWLAMemory, "ssc", segment_size=3, top_k=1)
+    q, k, v, u, gates = inputs(mem.base, T=11)
+    y, _ = run(mem, q, k, v, u, gates)
+    state = mem.new_state(2)
+    for t in range(11):
+        o, state = mem.step(q[:, t], k[:, t], v[:, t], {**{n: g[:, t] for n, g in gates.items()}, "u": u[:, t]}, state)
+        assert rel_err(o, y[:, t]) < 1e-11
+
+
+@pytest.mark.parametrize("agg", AGGS)
+def test_causality(agg):
+    mem = make(GatedDeltaNetMemory, agg, segment_size=4)
+    q, k, v, u, gates = inputs(mem.base, T=20)
+    y, _ = run(mem, q, k, v, u, gates)
+    t = 9
+    q2, k2, v2, u2 = (x.clone() for x in (q, k, v, u))
+    for x in (q2, k2, v2, u2):
+        x[:, t + 1:] += 1.0
+    y2, _ = run(mem, q2, k2, v2, u2, gates)
+    assert torch.equal(y[:, : t + 1], y2[:, : t + 1])
+    assert not torch.allclose(y[:, t + 1:], y2[:, t + 1:])
+
+
+@pytest.mark.parametrize("agg", ["res", "grm", "ssc"])
+def test_gradcheck_tiny(agg):
+    mem = make(GatedDeltaNetMemory, agg, segment_size=3, chunk=2, top_k=1)
+    q, k, v, u, gates = inputs(mem.base, B=1, T=8)
+    q, v, u = (x.detach().requires_grad_(True) for x in (q, v, u))
+    g = {n: x.detach().requires_grad_(True) for n, x in gates.items()}
+
+    def f(q, v, u, gg, beta):
+        return run(mem, q, k, v, u, {"g": gg, "beta": beta})[0]
+
+    assert torch.autograd.gradcheck(f, (q, v, u, g["g"], g["beta"]))
+
+
+def test_gradients_match_reference_and_detach_option():
+    mem = make(GatedDeltaNetMemory, "grm", segment_size=5)
+    q, k, v, u, gates = inputs(mem.base)
+    v = v.requires_grad_(True)
+    (gy,) = torch.autograd.grad(run(mem, q, k, v, u, gates)[0].square().sum(), v)
+    (gr,) = torch.autograd.grad(naive_memory_caching(mem.base, "grm", mem.config, q, k, v, gates, u).square().sum(), v)
+    assert rel_err(gy, gr) < 1e-10
+    det = make(GatedDeltaNetMemory, "grm", segment_size=5, detach_cached=True)
+    (gd,) = torch.autograd.grad(run(det, q, k, v, u, gates)[0].square().sum(), v)
+    assert rel_err(gd, gy) > 1e-4  # same forward, fewer gradient paths
+    assert rel_err(run(det, q, k, v, u, gates)[0], run(mem, q, k, v, u, gates)[0]) < 1e-14
+
+
+@pytest.mark.parametrize("bad", [dict(segment_size=0), dict(top_k=0), dict(init="warm"), dict(pooling="max"),
+                                 dict(temperature=0.0), dict(connector="x"), dict(segmentation="explicit"),
+                                 dict(segmentation="fib"), dict(segment_lengths=(3, 0))])
+def test_bad_options_raise(bad):
+    with pytest.raises(ValueError):
+        MCConfig(**bad)
+
+
+def test_bad_usage_raises():
+    with pytest.raises(ValueError, match="aggregation"):
+        CachedMemory(LinearAttentionMemory(2, 4, 4), "sum")
+    mem = make(LinearAttentionMemory, "grm")
+    q, k, v, u, gates = inputs(mem.base)
+    with pytest.raises(ValueError, match="connector"):
+        mem(q, k, v, gates)
+    with pytest.raises(ValueError, match="beyond"):
+        m2 = make(LinearAttentionMemory, "res", segmentation="explicit", segment_lengths=(4, 4))
+        run(m2, q, k, v, u, gates)
+    log = make(LinearAttentionMemory, "res", segmentation="log")
+    st = dataclasses.replace(log.new_state(2), pos=3)
+    with pytest.raises(ValueError, match="total"):
+        run(log, q, k, v, u, gates, state=st)
+    with pytest.raises(ValueError, match="total"):
+        SegmentPlan("log")
