@@ -8,7 +8,6 @@ import dataclasses
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import rel_err
 
 from growmem.caching import CachedMemory, MCConfig, MCState, SegmentPlan, log_plan
 from growmem.caching.reference import naive_memory_caching
@@ -20,6 +19,7 @@ from growmem.memories import (
     ScalarGLAMemory,
     SWLAMemory,
 )
+from helpers import rel_err
 
 BASES = [LinearAttentionMemory, ScalarGLAMemory, GLAMemory, SWLAMemory, DeltaNetMemory, GatedDeltaNetMemory]
 AGGS = ["res", "grm", "soup", "ssc", "avg"]
@@ -111,14 +111,16 @@ def test_soup_equals_grm_on_linear_memories(base_cls):
 
 
 def test_ssc_with_k_at_least_cached_equals_grm():
-    grm, ssc = make(GatedDeltaNetMemory, "grm", segment_size=4), make(GatedDeltaNetMemory, "ssc", segment_size=4, top_k=6)
+    grm = make(GatedDeltaNetMemory, "grm", segment_size=4)
+    ssc = make(GatedDeltaNetMemory, "ssc", segment_size=4, top_k=6)
     ssc.load_state_dict(grm.state_dict())
     q, k, v, u, gates = inputs(grm.base, T=24)  # at most 5 cached segments
     assert rel_err(run(ssc, q, k, v, u, gates)[0], run(grm, q, k, v, u, gates)[0]) < 1e-12
 
 
 def test_ssc_with_small_k_differs_from_grm():
-    grm, ssc = make(GatedDeltaNetMemory, "grm", segment_size=4), make(GatedDeltaNetMemory, "ssc", segment_size=4, top_k=1)
+    grm = make(GatedDeltaNetMemory, "grm", segment_size=4)
+    ssc = make(GatedDeltaNetMemory, "ssc", segment_size=4, top_k=1)
     q, k, v, u, gates = inputs(grm.base, T=24)
     assert rel_err(run(ssc, q, k, v, u, gates)[0], run(grm, q, k, v, u, gates)[0]) > 1e-3
 
@@ -144,7 +146,7 @@ def test_streaming_equals_parallel(base_cls, agg, seg):
     outs = []
     # a prefill piece, then single tokens, then an uneven piece
     for lo, hi in [(0, 7), *[(t, t + 1) for t in range(7, 12)], (12, 19)]:
-        sl = lambda x: x[:, lo:hi]  # noqa: E731
+        sl = lambda x, lo=lo, hi=hi: x[:, lo:hi]  # noqa: E731
         o, state = run(mem, sl(q), sl(k), sl(v), sl(u), {n: sl(g) for n, g in gates.items()}, state, final=True)
         outs.append(o)
     assert isinstance(state, MCState) and state.pos == T

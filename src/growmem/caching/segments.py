@@ -50,9 +50,8 @@ class SegmentPlan:
         if self.segmentation == "log" and (self.total_length is None or self.total_length < 1):
             raise ValueError("logarithmic segmentation needs the total sequence length (a log plan depends on "
                              "it): pass total_length (generate() does this for you)")
-        if self.segmentation == "explicit":
-            if not self.lengths or any(int(n) != n or n < 1 for n in self.lengths):
-                raise ValueError(f"explicit segmentation needs positive integer lengths, got {self.lengths!r}")
+        if self.segmentation == "explicit" and (not self.lengths or any(int(n) != n or n < 1 for n in self.lengths)):
+            raise ValueError(f"explicit segmentation needs positive integer lengths, got {self.lengths!r}")
 
     def _fixed(self) -> list[int] | None:
         if self.segmentation == "log":

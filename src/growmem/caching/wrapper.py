@@ -151,7 +151,7 @@ class CachedMemory(Memory):
         o_on, seg_states, online = self._online_pass(q, k, v, gates, st, pieces)
         cached = _cat1(st.cached, seg_states)
         pools_new, pool_on, pool_last = self._pools(k, st, pieces)
-        pools = pools_new if st.pools is None else (st.pools if pools_new is None else torch.cat([st.pools, pools_new], 1))
+        pools = _cat1(st.pools, pools_new)
         read_cached = tree_map(torch.Tensor.detach, cached) if self.config.detach_cached else cached
         y = self._aggregate(q, u, o_on, pool_on, read_cached, pools, st.num_cached, pieces)
         if not output_final_state:
@@ -181,7 +181,7 @@ class CachedMemory(Memory):
         ends = [stop for _, stop, e in pieces if e]
         cs = self.base.chunk_size
         if self.config.init == "checkpoint":
-            if ends and T > 1 and all(e % cs == 0 for e in ends) and T >= cs:
+            if ends and T > 1 and all(e % cs == 0 for e in ends) and cs <= T:
                 o, final, chunk_states = self.base(q, k, v, gates, initial_state=st.online, output_final_state=True,
                                                    return_chunk_states=True)
                 idx = torch.tensor([e // cs - 1 for e in ends], device=q.device)
