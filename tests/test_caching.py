@@ -227,3 +227,49 @@ def test_bad_usage_raises():
         run(log, q, k, v, u, gates, state=st)
     with pytest.raises(ValueError, match="total"):
         SegmentPlan("log")
+
+
+# ---- the layer and the model -------------------------------------------------------------------
+
+def _lm(mixer, **kw):
+    from growmem.models import CausalLM, ModelConfig
+
+    torch.manual_seed(0)
+    return CausalLM(ModelConfig(vocab_size=40, d_model=16, n_layers=2, num_heads=2, mixer=mixer, chunk_size=4,
+                                **kw)).double().eval()
+
+
+def test_plain_linear_memory_layer_has_exactly_the_paper_projections():
+    model = _lm("la+grm", plain_linear=True)
+    names = {n for n, _ in model.layers[0].mixer.named_parameters()}
+    assert names == {"q_proj.weight", "k_proj.weight", "v_proj.weight", "u_proj.weight", "o_proj.weight"}
+    mixer = model.layers[0].mixer
+    # number for number: the layer is o_proj(MC(q_proj x, k_proj x, v_proj x, u_proj x))
+    x = torch.randn(2, 13, 16, dtype=torch.float64)
+    B, T, H = 2, 13, 2
+    q, k, v, u = (getattr(mixer, f"{n}_proj")(x).view(B, T, H, 8) for n in "qkvu")
+    ref = naive_memory_caching(mixer.memory.base, "grm", mixer.memory.config, q, k, v, {}, u)
+    assert rel_err(mixer(x)[0], mixer.o_proj(ref.reshape(B, T, -1))) < 1e-12
+
+
+def test_connector_q_has_no_u_proj():
+    model = _lm("gdn+grm", mc=MCConfig(connector="q"))
+    assert not hasattr(model.layers[0].mixer, "u_proj")
+    assert hasattr(_lm("gdn+grm").layers[0].mixer, "u_proj")
+    assert not hasattr(_lm("gdn+res").layers[0].mixer, "u_proj")
+
+
+def test_post_training_mc_keeps_short_sequences_and_extends_long_ones():
+    from growmem.models.post_training import apply_post_training_mc
+
+    model = _lm("gdn")
+    x = torch.randint(0, 40, (2, 30))
+    before = model(x).logits
+    assert apply_post_training_mc(model, segment_size=12) == 2
+    after = model(x).logits
+    assert rel_err(after[:, :12], before[:, :12]) < 1e-13  # one segment: unchanged
+    assert rel_err(after[:, 12:], before[:, 12:]) > 1e-4  # cached memories now contribute
+    gen = model.generate(x[:, :5], 20)  # streaming works on the wrapped model
+    assert torch.equal(gen[:, 5:], model(gen).logits[:, 4:-1].argmax(-1))
+    with pytest.raises(ValueError):
+        apply_post_training_mc(model, segment_size=12)  # nothing left to wrap

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from growmem.caching.config import AGGREGATIONS, MCConfig
 from growmem.caching.segments import SegmentPlan
@@ -43,7 +43,8 @@ class MCState:
     Attributes:
         online: the base memory's state (``None`` = its initial state).
         cached: readable states of finished segments stacked on dim 1 (``None`` if none yet).
-        pools: pooled keys of the finished segments ``[B, N, H, K]`` (``None`` if none yet).
+        pools: pooled keys of the finished segments ``[B, N, H, K]`` (``None`` if none yet; ``[B, N, 0]``
+            placeholders for aggregations that never use them).
         pool: running key sum of the current segment ``[B, H, K]`` (``None`` = zero).
         count: tokens seen in the current segment.
         pos: tokens seen in total.
@@ -73,6 +74,13 @@ def _cat1(a: Any, b: Any) -> Any:
 
 def _slice1(s: Any, lo: int, hi: int) -> Any:
     return tree_map(lambda x: x[:, lo:hi], s)
+
+
+def _unbind1(s: Any) -> list[Any]:
+    """Split a tree stacked on dim 1 into its entries (one backward op, unlike repeated slicing)."""
+    leaves, spec = tree_flatten(s)
+    parts = [leaf.unbind(1) for leaf in leaves]
+    return [tree_unflatten([p[i] for p in parts], spec) for i in range(len(parts[0]))]
 
 
 def _stack1(states: list[Any]) -> Any:
@@ -150,7 +158,12 @@ class CachedMemory(Memory):
         pieces = self.plan(st, T).pieces(st.pos, T)
         o_on, seg_states, online = self._online_pass(q, k, v, gates, st, pieces)
         cached = _cat1(st.cached, seg_states)
-        pools_new, pool_on, pool_last = self._pools(k, st, pieces)
+        if self.uses_connector:
+            pools_new, pool_on, pool_last = self._pools(k, st, pieces)
+        else:  # Residual / average never look at pooled keys; keep only their count (the cache size)
+            n_new = sum(e for _, _, e in pieces)
+            pools_new = k.new_zeros(B, n_new, 0) if n_new else None
+            pool_on, pool_last = None, None
         pools = _cat1(st.pools, pools_new)
         read_cached = tree_map(torch.Tensor.detach, cached) if self.config.detach_cached else cached
         y = self._aggregate(q, u, o_on, pool_on, read_cached, pools, st.num_cached, pieces)
@@ -236,8 +249,8 @@ class CachedMemory(Memory):
         mean = self.config.pooling == "mean"
         on, fin = [], []
         last = None
-        for i, (lo, hi, e) in enumerate(pieces):
-            c = k[:, lo:hi].cumsum(1)
+        for i, ((lo, hi, e), kj) in enumerate(zip(pieces, k.split([hi - lo for lo, hi, _ in pieces], 1), strict=True)):
+            c = kj.cumsum(1)
             count0 = 0
             if i == 0 and st.count > 0:
                 if st.pool is not None:
@@ -258,9 +271,14 @@ class CachedMemory(Memory):
         agg = self.aggregation
         if pools is None:  # nothing cached anywhere in this window: every variant is the base memory
             return o_on
+        # torch.split, not slicing: a slice's backward fills a zero tensor of the full size, per piece
+        sizes = [hi - lo for lo, hi, _ in pieces]
+        qs, os_ = q.split(sizes, 1), o_on.split(sizes, 1)
         if agg == "ssc":
             return self._ssc(q, u, o_on, pool_on, cached, pools, n0, pieces)
         lin = self.linear_readout and isinstance(cached, torch.Tensor)
+        us = u.split(sizes, 1) if u is not None else [None] * len(sizes)
+        ps = pool_on.split(sizes, 1) if pool_on is not None else [None] * len(sizes)
         B, T, H, K = q.shape
         outs = []
         running = None  # prefix sum of cached states (linear readout, res/avg)
@@ -270,9 +288,9 @@ class CachedMemory(Memory):
             # [B, H, N*K, V]: every cached state of a head side by side, so a segment's weighted reads
             # are one matmul (weighted-query form: sum_i g_i S_i^T q = [g_1 q, ..., g_n q] [S_1; ...; S_n]).
             flat = cached.permute(0, 2, 1, 3, 4).reshape(B, H, -1, cached.shape[-1])
-        for j, (lo, hi, _) in enumerate(pieces):
+        for j, (qj, oj, uj, pj) in enumerate(zip(qs, os_, us, ps, strict=True)):
             n = n0 + j
-            qj, oj = q[:, lo:hi], o_on[:, lo:hi]
+            L = qj.shape[1]
             if n == 0:
                 outs.append(oj)
                 continue
@@ -286,16 +304,15 @@ class CachedMemory(Memory):
                     r = self.base.read(_slice1(cached, 0, n), qj).sum(2)
                 outs.append(oj + (r / n if agg == "avg" else r))
                 continue
-            uj = u[:, lo:hi]
             scores = torch.einsum("blhk,bnhk->blhn", uj, pools[:, :n])
-            s_on = (uj * pool_on[:, lo:hi]).sum(-1, keepdim=True)
+            s_on = (uj * pj).sum(-1, keepdim=True)
             gamma = torch.softmax(torch.cat([s_on, scores], -1) / self.config.temperature, dim=-1)
             g_on, g_c = gamma[..., :1], gamma[..., 1:]  # [B, L, H, 1], [B, L, H, n]
             if agg == "soup" and not self.linear_readout:
                 outs.append(self.base.soup_read(qj, oj, g_on, _slice1(cached, 0, n), g_c))
                 continue
             if flat is not None:
-                wq = (g_c[..., None] * (qj * self.base.scale)[:, :, :, None, :]).reshape(B, hi - lo, H, n * K)
+                wq = (g_c[..., None] * (qj * self.base.scale)[:, :, :, None, :]).reshape(B, L, H, n * K)
                 r = (wq.transpose(1, 2) @ flat[:, :, : n * K]).transpose(1, 2)
             else:
                 r = (self.base.read(_slice1(cached, 0, n), qj) * g_c.permute(0, 1, 3, 2)[..., None]).sum(2)
@@ -304,27 +321,30 @@ class CachedMemory(Memory):
 
     def _ssc(self, q, u, o_on, pool_on, cached, pools, n0, pieces):
         """Sparse Selective Caching: per token, softmax over the online memory and the ``top_k`` cached
-        memories with the largest <u_t, p(i)>; then a loop over cached memories (not tokens) that
-        gathers the tokens which selected memory i, reads it once for them, and scatters back."""
+        memories with the largest <u_t, p(i)>; only those are read.
+
+        Reads are grouped by memory, not by token: the (token, slot) selections of every (batch, head)
+        are sorted by memory id once; memory i then reads, in one batched call, the queries of the
+        tokens that picked it (padded to the largest count over batch and heads). All gathers and the
+        scatter back are single index operations, so the work is O(T k K V) plus O(N) small calls.
+        """
         B, T, H, K = q.shape
         V = o_on.shape[-1]
         kmax = self.config.top_k
+        sizes = [hi - lo for lo, hi, _ in pieces]
         sel_parts, w_parts, gon_parts = [], [], []
-        first_token = []  # local position of the first token that can see cached memory i
-        for j, (lo, hi, _) in enumerate(pieces):
+        for j, (uj, pj) in enumerate(zip(u.split(sizes, 1), pool_on.split(sizes, 1), strict=True)):
             n = n0 + j
-            L = hi - lo
-            first_token.extend([lo] * (n - len(first_token)))
+            L = uj.shape[1]
             if n == 0:
                 sel_parts.append(q.new_full((B, L, H, kmax), -1, dtype=torch.long))
                 w_parts.append(q.new_zeros(B, L, H, kmax))
                 gon_parts.append(q.new_ones(B, L, H, 1))
                 continue
-            uj = u[:, lo:hi]
             scores = torch.einsum("blhk,bnhk->blhn", uj, pools[:, :n])
             kk = min(kmax, n)
             top, idx = scores.topk(kk, dim=-1)
-            s_on = (uj * pool_on[:, lo:hi]).sum(-1, keepdim=True)
+            s_on = (uj * pj).sum(-1, keepdim=True)
             gamma = torch.softmax(torch.cat([s_on, top], -1) / self.config.temperature, dim=-1)
             g_sel = gamma[..., 1:]
             if kk < kmax:
@@ -333,27 +353,47 @@ class CachedMemory(Memory):
             sel_parts.append(idx)
             w_parts.append(g_sel)
             gon_parts.append(gamma[..., :1])
-        cat = (lambda xs: torch.cat(xs, 1) if len(xs) > 1 else xs[0])  # noqa: E731
-        sel, w, g_on = cat(sel_parts), cat(w_parts), cat(gon_parts)
+
+        def cat(xs):
+            return torch.cat(xs, 1) if len(xs) > 1 else xs[0]
+
+        sel, w, g_on = cat(sel_parts), cat(w_parts), cat(gon_parts)  # [B, T, H, kmax] x2, [B, T, H, 1]
         out = (g_on * o_on).reshape(B * T * H, V)
         n_total = pools.shape[1]
-        base_rows = (torch.arange(B, device=q.device)[:, None, None] * T * H
-                     + torch.arange(H, device=q.device)[None, None, :])  # [B, 1, H]
-        for i in range(n_total):
-            t0 = first_token[i] if i < len(first_token) else T
-            if t0 >= T:
-                continue
-            hit_k = sel[:, t0:] == i  # [B, T', H, kmax]
-            hit = hit_k.any(-1)
-            counts = hit.sum(1)  # [B, H]
-            c = int(counts.max())
-            if c == 0:
-                continue
-            wi = (w[:, t0:] * hit_k).sum(-1)  # [B, T', H]
-            order = torch.argsort((~hit).to(torch.int8), dim=1, stable=True)[:, :c]  # [B, c, H]
-            qg = q[:, t0:].gather(1, order[..., None].expand(B, c, H, K))
-            wg = wi.gather(1, order)  # zero where the row is padding
-            r = self.base.read(_slice1(cached, i, i + 1), qg)[:, :, 0] * wg[..., None]  # [B, c, H, V]
-            rows = (base_rows + (order + t0) * H).reshape(-1)
-            out.index_add_(0, rows, r.reshape(-1, V))
-        return out.reshape(B, T, H, V)
+        dev = q.device
+        with torch.no_grad():
+            # entries e = t * kmax + slot of each (b, h), sorted by (memory id, t); unused slots last
+            key = torch.where(sel >= 0, sel, n_total).permute(0, 2, 1, 3).reshape(B, H, T * kmax)
+            key = key * (T * kmax) + torch.arange(T * kmax, device=dev)
+            key_sorted, perm = key.sort(dim=-1)  # perm: entry ids in memory-major order
+            edges = (torch.arange(n_total + 1, device=dev) * (T * kmax)).expand(B, H, n_total + 1).contiguous()
+            bounds = torch.searchsorted(key_sorted.contiguous(), edges)  # [B, H, N+1]: where memory i's entries start
+            counts = bounds[..., 1:] - bounds[..., :-1]  # [B, H, N]
+            cmax = counts.amax(dim=(0, 1)).tolist()
+            rows_q, rows_w, valid, per_mem = [], [], [], []
+            for i in range(n_total):
+                c = int(cmax[i])
+                if c == 0:
+                    continue
+                pos = bounds[..., i, None] + torch.arange(c, device=dev)  # [B, H, c]
+                ok = pos < bounds[..., i + 1, None]
+                ent = perm.gather(-1, pos.clamp(max=T * kmax - 1))  # entry ids [B, H, c]
+                t = ent // kmax
+                # row in [B*T*H] (queries, output) and in [B*T*H*kmax] (weights); padding rows get weight 0
+                rows_q.append(((torch.arange(B, device=dev)[:, None, None] * T + t) * H
+                               + torch.arange(H, device=dev)[None, :, None]).transpose(1, 2))  # [B, c, H]
+                rows_w.append(rows_q[-1] * kmax + (ent % kmax).transpose(1, 2))
+                valid.append(ok.transpose(1, 2))
+                per_mem.append((i, c))
+        if not per_mem:
+            return out.reshape(B, T, H, V)
+        rq, rw, ok = (torch.cat([x.reshape(-1) for x in xs]) for xs in (rows_q, rows_w, valid))
+        qg = q.reshape(B * T * H, K).index_select(0, rq)
+        wg = w.reshape(-1).index_select(0, rw) * ok
+        cached_list = _unbind1(cached)
+        reads = []
+        for (i, c), qi in zip(per_mem, qg.split([B * c * H for _, c in per_mem]), strict=True):
+            state_i = tree_map(lambda x: x[:, None], cached_list[i])
+            reads.append(self.base.read(state_i, qi.view(B, c, H, K))[:, :, 0].reshape(-1, V))
+        r = torch.cat(reads) * wg[:, None]
+        return out.index_add(0, rq, r).reshape(B, T, H, V)

@@ -1,0 +1,143 @@
+"""Benchmark Memory Caching: forward+backward time and activation memory vs sequence length.
+
+    .venv/bin/python bench/mc.py                         # L = 1024, 4096, 16384; base memories la, gdn
+    .venv/bin/python bench/mc.py --L 4096 --bases gdn    # quick look
+
+For each base memory: the base alone, Residual, GRM, Soup and SSC (top_k = 2) with constant segments
+(C = 256) and with logarithmic segments, plus causal SDPA attention. B = 1, 4 heads of dim 64,
+fp32. Time: best of ``--reps`` forward+backward passes. Memory: bytes of the tensors autograd saves
+for the backward pass (deduplicated by storage), a deterministic proxy for training memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+import torch.nn.functional as F
+
+from growmem.caching import CachedMemory, MCConfig
+from growmem.memories import GatedDeltaNetMemory, LinearAttentionMemory
+
+BASES = {"la": LinearAttentionMemory, "gdn": GatedDeltaNetMemory}
+
+
+def saved_bytes(fn) -> int:
+    """Bytes autograd saves for backward while running ``fn`` (each storage counted once)."""
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor):
+        try:
+            st = t.untyped_storage()
+            seen[st.data_ptr()] = st.nbytes()
+        except (RuntimeError, NotImplementedError):
+            pass
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    del out
+    return sum(seen.values())
+
+
+def best_time(fn, reps: int) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def make_inputs(L: int, H: int, D: int, mem):
+    g = torch.Generator().manual_seed(0)
+    q, k, v, u = (torch.randn(1, L, H, D, generator=g) for _ in range(4))
+    if mem.l2_normalize_qk:
+        q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+    raw = {n: torch.randn(1, L, H, f, generator=g) for n, f in mem.gate_features.items()}
+    return [x.requires_grad_(True) for x in (q, k, v, u)], {n: x.requires_grad_(True) for n, x in raw.items()}
+
+
+def variants(base_name: str, H: int, D: int, chunk: int, seg: int, top_k: int):
+    cls = BASES[base_name]
+    yield f"{base_name}", cls(H, D, D, chunk)
+    for segmentation in ("constant", "log"):
+        tag = f"C={seg}" if segmentation == "constant" else "log"
+        for agg in ("res", "grm", "soup", "ssc"):
+            cfg = MCConfig(segmentation=segmentation, segment_size=seg, top_k=top_k)
+            yield f"{base_name}+{agg} ({tag})", CachedMemory(cls(H, D, D, chunk), agg, cfg)
+
+
+def run(Ls, bases, H, D, chunk, seg, top_k, reps) -> list[dict]:
+    rows = []
+    for L in Ls:
+        for base_name in bases:
+            for name, mem in variants(base_name, H, D, chunk, seg, top_k):
+                (q, k, v, u), raw = make_inputs(L, H, D, mem)
+
+                def fwd(mem=mem, q=q, k=k, v=v, u=u, raw=raw):
+                    gates = mem.make_gates(raw)
+                    if "u" in mem.input_projections:
+                        gates["u"] = u
+                    cache = mem.new_state(1, L) if isinstance(mem, CachedMemory) else None
+                    return mem(q, k, v, gates, initial_state=cache)[0]
+
+                def fwd_bwd(fwd=fwd):
+                    fwd().sum().backward()
+
+                row = {"L": L, "model": name, "fwd_bwd_s": best_time(fwd_bwd, reps),
+                       "saved_MB": saved_bytes(fwd) / 2**20}
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+        g = torch.Generator().manual_seed(0)
+        q, k, v = (torch.randn(1, H, L, D, generator=g).requires_grad_(True) for _ in range(3))
+
+        def sdpa(q=q, k=k, v=v):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+        row = {"L": L, "model": "sdpa (causal)", "fwd_bwd_s": best_time(lambda: sdpa().sum().backward(), reps),
+               "saved_MB": saved_bytes(sdpa) / 2**20}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def to_markdown(rows: list[dict]) -> str:
+    Ls = sorted({r["L"] for r in rows})
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    by = {(r["model"], r["L"]): r for r in rows}
+    head = "| model | " + " | ".join(f"L={L} ms" for L in Ls) + " | " + " | ".join(f"L={L} MB" for L in Ls) + " |"
+    lines = [head, "|---" + "|---:" * (2 * len(Ls)) + "|"]
+    for m in models:
+        t = [f"{by[(m, L)]['fwd_bwd_s'] * 1e3:.0f}" if (m, L) in by else "-" for L in Ls]
+        mb = [f"{by[(m, L)]['saved_MB']:.0f}" if (m, L) in by else "-" for L in Ls]
+        lines.append(f"| {m} | " + " | ".join(t) + " | " + " | ".join(mb) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--L", type=int, nargs="+", default=[1024, 4096, 16384])
+    p.add_argument("--bases", nargs="+", default=["la", "gdn"], choices=sorted(BASES))
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--chunk", type=int, default=64)
+    p.add_argument("--segment", type=int, default=256)
+    p.add_argument("--top-k", type=int, default=2)
+    p.add_argument("--reps", type=int, default=2)
+    p.add_argument("--out", default=None, help="write the markdown table here")
+    a = p.parse_args()
+    rows = run(a.L, a.bases, a.heads, a.head_dim, a.chunk, a.segment, a.top_k, a.reps)
+    md = to_markdown(rows)
+    print(f"\nthreads={torch.get_num_threads()}, B=1, H={a.heads}, D={a.head_dim}, chunk={a.chunk}\n")
+    print(md)
+    if a.out:
+        with open(a.out, "w") as fh:
+            fh.write(md + "\n")
+
+
+if __name__ == "__main__":
+    main()
