@@ -114,3 +114,7 @@ register_mixer("loglinear++", _linear(GatedDeltaNetMemory, "grm", segmentation="
 register_mixer("attn", _attention(False), "causal softmax attention with RoPE (KV cache grows)",
                constant_memory=False)
 register_mixer("swa", _attention(True), "sliding-window softmax attention with RoPE")
+
+# Feature modules register their own names (kept in separate files so features stay independent).
+import growmem.models.mixers_deep  # noqa: E402, F401
+import growmem.models.mixers_mru  # noqa: E402, F401
