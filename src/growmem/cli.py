@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
+import sys
 import time
 
 import torch
@@ -66,8 +68,95 @@ def run_demo(mixer: str, seconds: float, seq_len: int, batch: int, seed: int) ->
     return curve
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from growmem.train.config import load_experiment
+    from growmem.train.trainer import Trainer
+
+    overrides = list(args.set or [])
+    if args.out_dir:
+        overrides.append(f"out_dir={args.out_dir}")
+    if args.config and args.config.endswith(".json"):
+        from pathlib import Path
+
+        from growmem.train.config import ExperimentConfig, apply_overrides
+
+        cfg = ExperimentConfig.from_dict(apply_overrides(json.loads(Path(args.config).read_text()), overrides))
+    else:
+        cfg = load_experiment(args.config, overrides, model=args.model)
+    final = Trainer(cfg, resume=not args.no_resume).fit()
+    print(f"done: step {final['step']}, loss {final['loss']:.4f}, metrics {final['metrics']}")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from growmem.models import CausalLM
+    from growmem.tasks import make_task
+    from growmem.train.checkpoint import latest_checkpoint, load_checkpoint, read_state
+    from growmem.train.config import ExperimentConfig, apply_overrides
+
+    ckpt = latest_checkpoint(args.run)
+    if ckpt is None:
+        raise ValueError(f"no checkpoint in {args.run!r}")
+    cfg = ExperimentConfig.from_dict(apply_overrides(read_state(ckpt)["config"], args.set or []))
+    model = CausalLM(cfg.model)
+    load_checkpoint(ckpt, model, restore_rng=False)
+    task = make_task(cfg.task.name, **cfg.task.options)
+    model.eval()
+    with torch.no_grad():
+        metrics = task.evaluate(model, n_samples=args.samples, batch_size=cfg.train.eval_batch_size, seed=args.seed)
+    print(json.dumps({"checkpoint": str(ckpt), "task": cfg.task.name, **{k: float(v) for k, v in metrics.items()}}))
+    return 0
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from growmem.train.sweep import load_sweep, markdown_table, run_sweep
+
+    sweep = load_sweep(args.config, args.set)
+    if args.parallel:
+        sweep.parallel = args.parallel
+    rows = run_sweep(sweep)
+    print(markdown_table(rows) if rows else "no finished runs")
+    return 0
+
+
+def _cmd_plot(args: argparse.Namespace) -> int:
+    from growmem.train.plot import plot_loss_curves, plot_metric
+
+    if args.results:
+        out = plot_metric(args.results, args.x, args.y, args.series, args.out, logx=args.logx)
+    elif args.runs:
+        out = plot_loss_curves(args.runs, args.out)
+    else:
+        raise ValueError("give --results CSV (metric vs a sweep axis) or --runs DIR [DIR ...] (loss curves)")
+    print(f"wrote {out}")
+    return 0
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    from growmem.models.registry import get_mixer_spec
+
+    print("models (token mixers):")
+    for n in mixer_names():
+        spec = get_mixer_spec(n)
+        print(f"  {n:16s} {'O(1)' if spec.constant_memory else 'grows':5s}  {spec.description}")
+    try:
+        from growmem.tasks import TASKS
+    except ImportError:
+        return 0
+    print("tasks:")
+    for n, cls in sorted(TASKS.items()):
+        print(f"  {n:16s} {(cls.__doc__ or '').strip().splitlines()[0] if cls.__doc__ else ''}")
+    return 0
+
+
+def _cmd_ess(args: argparse.Namespace, rest: list[str]) -> int:
+    from growmem.analysis.ess_cli import main as ess_main
+
+    return ess_main(rest)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="growmem", description=__doc__)
+    parser = argparse.ArgumentParser(prog="growmem", description="growmem: sequence models whose memory grows.")
     sub = parser.add_subparsers(dest="cmd", required=True)
     demo = sub.add_parser("demo", help="train a tiny byte-level LM for a few seconds, print its loss curve")
     demo.add_argument("--mixer", default="gdn", choices=mixer_names())
@@ -76,15 +165,47 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--batch", type=int, default=16)
     demo.add_argument("--seed", type=int, default=0)
     sub.add_parser("mixers", help="list the registered token mixers")
-    args = parser.parse_args(argv)
-    if args.cmd == "demo":
-        run_demo(args.mixer, args.seconds, args.seq_len, args.batch, args.seed)
-    elif args.cmd == "mixers":
-        from growmem.models.registry import get_mixer_spec
-        for n in mixer_names():
-            spec = get_mixer_spec(n)
-            print(f"{n:10s} {'O(1)' if spec.constant_memory else 'O(T)'} decode memory  {spec.description}")
-    return 0
+    sub.add_parser("list", help="list models and tasks")
+    tr = sub.add_parser("train", help="train one experiment (YAML), resuming from its checkpoint if any")
+    tr.add_argument("--config", default=None, help="experiment YAML (or JSON) file")
+    tr.add_argument("--model", default=None, help="shortcut for --set model.mixer=NAME")
+    tr.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. train.lr=1e-3")
+    tr.add_argument("--out-dir", default=None)
+    tr.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
+    ev = sub.add_parser("eval", help="evaluate a run's latest checkpoint on its task")
+    ev.add_argument("--run", required=True, help="run folder")
+    ev.add_argument("--set", action="append", metavar="KEY=VALUE", help="e.g. task.options.seq_len=2048")
+    ev.add_argument("--samples", type=int, default=512)
+    ev.add_argument("--seed", type=int, default=12345)
+    sw = sub.add_parser("sweep", help="run a grid of experiments from a sweep YAML (resumable)")
+    sw.add_argument("--config", required=True)
+    sw.add_argument("--set", action="append", metavar="KEY=VALUE")
+    sw.add_argument("--parallel", type=int, default=None, help="processes (1 thread each)")
+    pl = sub.add_parser("plot", help="plot a metric against a sweep axis, or loss curves")
+    pl.add_argument("--results", default=None, help="a sweep's results.csv")
+    pl.add_argument("--x", default="task.options.num_kv_pairs")
+    pl.add_argument("--y", default="accuracy")
+    pl.add_argument("--series", default="model.mixer")
+    pl.add_argument("--logx", action="store_true")
+    pl.add_argument("--runs", nargs="+", default=None, help="run folders for loss curves")
+    pl.add_argument("--out", required=True)
+    sub.add_parser("ess", help="effective state size of a model on an input (see growmem ess --help)",
+                   add_help=False)
+    args, rest = parser.parse_known_args(argv)
+    if rest and args.cmd != "ess":
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    try:
+        if args.cmd == "demo":
+            run_demo(args.mixer, args.seconds, args.seq_len, args.batch, args.seed)
+            return 0
+        if args.cmd in ("mixers", "list"):
+            return _cmd_list(args)
+        if args.cmd == "ess":
+            return _cmd_ess(args, rest)
+        return {"train": _cmd_train, "eval": _cmd_eval, "sweep": _cmd_sweep, "plot": _cmd_plot}[args.cmd](args)
+    except ValueError as err:
+        print(f"growmem {args.cmd}: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -1,0 +1,1 @@
+"""Training: experiment configs, the resumable trainer, checkpoints, sweeps."""

@@ -1,0 +1,73 @@
+"""Plots (PNG via matplotlib, imported lazily): a metric against a sweep axis, and loss curves."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_metric(results_csv: str | Path, x: str, y: str, series: str, out: str | Path,
+                title: str | None = None, logx: bool = False) -> Path:
+    """One line per value of ``series`` (e.g. ``model.mixer``): ``y`` (e.g. ``accuracy``) against ``x``
+    (e.g. ``task.options.num_kv_pairs``), from a sweep's results.csv."""
+    with Path(results_csv).open() as fh:
+        rows = list(csv.DictReader(fh))
+    if not rows:
+        raise ValueError(f"{results_csv} has no rows")
+    for col in (x, y, series):
+        if col not in rows[0]:
+            raise ValueError(f"column {col!r} not in {results_csv} (columns: {list(rows[0])})")
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.5, 3.8), dpi=110)
+    groups: dict[str, list[tuple[float, float]]] = {}
+    for r in rows:
+        groups.setdefault(r[series], []).append((float(r[x]), float(r[y])))
+    for name, pts in groups.items():
+        pts.sort()
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+    ax.set_xlabel(x.split(".")[-1])
+    ax.set_ylabel(y)
+    if logx:
+        ax.set_xscale("log", base=2)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title or f"{y} vs {x.split('.')[-1]}")
+    fig.tight_layout()
+    out = Path(out)
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
+def plot_loss_curves(run_dirs: list[str | Path], out: str | Path, title: str = "training loss") -> Path:
+    """Training loss against step for several run folders (reads their train.jsonl)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.5, 3.8), dpi=110)
+    for d in run_dirs:
+        path = Path(d) / "train.jsonl"
+        if not path.exists():
+            raise ValueError(f"{path} does not exist")
+        rows: list[dict[str, Any]] = [json.loads(line) for line in path.read_text().splitlines() if line]
+        ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label=Path(d).name)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title)
+    fig.tight_layout()
+    out = Path(out)
+    fig.savefig(out)
+    plt.close(fig)
+    return out
