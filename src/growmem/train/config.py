@@ -127,10 +127,28 @@ def _check_keys(where: str, d: dict[str, Any], kls: type) -> None:
         raise ValueError(f"unknown {where} field(s) {unknown}; known: {sorted(known)}")
 
 
-def apply_overrides(d: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``key.path=value`` overrides (values parsed as YAML scalars/lists) to a config dict."""
+def yaml_load(text: str) -> Any:
+    """``yaml.safe_load`` that also reads ``1e-3`` as a float (YAML 1.1 would read a string)."""
+    import re
+
     import yaml
 
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                    |\.[0-9_]+(?:[eE][-+][0-9]+)?
+                    |[-+]?\.(?:inf|Inf|INF)
+                    |\.(?:nan|NaN|NAN))$""", re.X),
+        list("-+0123456789."))
+    return yaml.load(text, Loader=Loader)  # noqa: S506 - a SafeLoader subclass
+
+
+def apply_overrides(d: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``key.path=value`` overrides (values parsed as YAML scalars/lists) to a config dict."""
     d = copy.deepcopy(d)
     for item in overrides:
         if "=" not in item:
@@ -144,7 +162,7 @@ def apply_overrides(d: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
             node = node.setdefault(key, {})
             if not isinstance(node, dict):
                 raise ValueError(f"override {path!r}: {key!r} is not a mapping")
-        node[keys[-1]] = yaml.safe_load(raw)
+        node[keys[-1]] = yaml_load(raw)
     return d
 
 
@@ -159,7 +177,7 @@ def load_experiment(path: str | Path | None = None, overrides: list[str] | None 
         if not p.is_file():
             raise ValueError(f"config file {str(p)!r} does not exist")
         try:
-            d = yaml.safe_load(p.read_text()) or {}
+            d = yaml_load(p.read_text()) or {}
         except yaml.YAMLError as err:
             raise ValueError(f"malformed YAML in {str(p)!r}: {err}") from None
         if not isinstance(d, dict):

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from growmem.train.config import ExperimentConfig, apply_overrides
+from growmem.train.config import ExperimentConfig, apply_overrides, yaml_load
 
 
 @dataclass
@@ -52,7 +52,7 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> SweepCon
     if not p.is_file():
         raise ValueError(f"sweep file {str(p)!r} does not exist")
     try:
-        d = yaml.safe_load(p.read_text()) or {}
+        d = yaml_load(p.read_text()) or {}
     except yaml.YAMLError as err:
         raise ValueError(f"malformed YAML in {str(p)!r}: {err}") from None
     d = apply_overrides(d, overrides or [])
@@ -61,7 +61,7 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> SweepCon
         raise ValueError(f"unknown sweep fields {sorted(set(d) - known) if isinstance(d, dict) else d!r}")
     cfg = SweepConfig(**d)
     if cfg.base_file:
-        base = yaml.safe_load((p.parent / cfg.base_file).read_text()) or {}
+        base = yaml_load((p.parent / cfg.base_file).read_text()) or {}
         cfg.base = apply_overrides(base, [f"{k}={json.dumps(v)}" for k, v in _flat(cfg.base)])
     return cfg
 

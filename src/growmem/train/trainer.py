@@ -212,7 +212,7 @@ class Trainer:
             self._apply_curriculum()
             loss_sum = 0.0
             for micro in range(tc.accum_steps):
-                batch = self.task.batch(tc.batch_size, seed=step_seed(tc.seed, self.step, micro, self.rank))
+                batch = self.task.batch(tc.batch_size, step_seed(tc.seed, self.step, micro, self.rank))
                 ids, tgt = batch["input_ids"].to(self.device), batch["targets"].to(self.device)
                 sync = micro == tc.accum_steps - 1 or self.world == 1
                 ctx = nullcontext() if sync else self.train_model.no_sync()  # type: ignore[operator]
