@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/mc.py                         # L = 1024, 4096, 16384; base memories la, gdn
     .venv/bin/python bench/mc.py --L 4096 --bases gdn    # quick look
+    .venv/bin/python bench/mc.py --L 1024 4096 --bases dla titans   # deep (MLP) memories, E = 4 * 64
 
 For each base memory: the base alone, Residual, GRM, Soup and SSC (top_k = 2) with constant segments
 (C = 256) and with logarithmic segments, plus causal SDPA attention. B = 1, 4 heads of dim 64,
@@ -20,8 +21,9 @@ import torch.nn.functional as F
 
 from growmem.caching import CachedMemory, MCConfig
 from growmem.memories import GatedDeltaNetMemory, LinearAttentionMemory
+from growmem.memories.deep import DLAMemory, TitansMemory
 
-BASES = {"la": LinearAttentionMemory, "gdn": GatedDeltaNetMemory}
+BASES = {"la": LinearAttentionMemory, "gdn": GatedDeltaNetMemory, "dla": DLAMemory, "titans": TitansMemory}
 
 
 def saved_bytes(fn) -> int:
@@ -78,7 +80,7 @@ def run(Ls, bases, H, D, chunk, seg, top_k, reps) -> list[dict]:
             for name, mem in variants(base_name, H, D, chunk, seg, top_k):
                 (q, k, v, u), raw = make_inputs(L, H, D, mem)
 
-                def fwd(mem=mem, q=q, k=k, v=v, u=u, raw=raw):
+                def fwd(mem=mem, q=q, k=k, v=v, u=u, raw=raw, L=L):
                     gates = mem.make_gates(raw)
                     if "u" in mem.input_projections:
                         gates["u"] = u

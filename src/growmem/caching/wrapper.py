@@ -9,7 +9,9 @@ keys). Token t of segment s(t) reads its online memory M_t and the cached ones, 
 * Gated Residual (``grm``, Eqs. 9-10): gamma_t = softmax({<u_t, p(i)>}_i, <u_t, p_t^online>) / tau;
   y_t = gamma_t^online M_t(q_t) + sum_i gamma_t^i M(i)(q_t)
 * Memory Soup (``soup``, Eqs. 14-15): the memory whose parameters are the gamma-mixture of the
-  memories' parameters, applied to q_t. For memories with a linear readout it equals GRM exactly.
+  memories' parameters, applied to q_t. For memories with a linear readout it equals GRM exactly;
+  otherwise (deep memories) the base runs once per piece (``forward_with_context``) and its
+  ``soup_read`` applies the mixture from per-memory products, with no mixed weight set per token.
 * Sparse Selective Caching (``ssc``, Eqs. 16-17): only the ``top_k`` cached memories with the
   largest <u_t, p(i)> enter the softmax (the online memory always does); only they are read.
 * Post-training average (``avg``, Sec. 4.3): y_t = M_t(q_t) + mean_i M(i)(q_t), no learned weights.
@@ -114,8 +116,12 @@ class CachedMemory(Memory):
         self.input_projections = dict(base.input_projections)
         if self.uses_connector and self.config.connector == "proj":
             self.input_projections["u"] = base.head_k_dim
-        if aggregation == "soup" and not base.linear_readout and not hasattr(base, "soup_read"):
-            raise ValueError(f"Memory Soup needs {type(base).__name__}.soup_read (its readout is not linear)")
+        # Soup on a nonlinear readout mixes the online weights of every token: the base gives, per call,
+        # a context that lets soup_read apply them (forward_with_context), so run it once per piece.
+        self.soup_context = aggregation == "soup" and not base.linear_readout
+        if self.soup_context and not (hasattr(base, "soup_read") and hasattr(base, "forward_with_context")):
+            raise ValueError(f"Memory Soup needs {type(base).__name__}.soup_read and .forward_with_context "
+                             "(its readout is not linear)")
 
     # -- the Memory interface ------------------------------------------------------------------
     def make_gates(self, raw: Gates) -> Gates:
@@ -156,7 +162,11 @@ class CachedMemory(Memory):
                 raise ValueError(f"{self.name} needs the connector u [B, T, H, K] in gates['u']")
         B, T = q.shape[:2]
         pieces = self.plan(st, T).pieces(st.pos, T)
-        o_on, seg_states, online = self._online_pass(q, k, v, gates, st, pieces)
+        if self.soup_context:
+            o_on, seg_states, online, contexts = self._online_pass_with_context(q, k, v, gates, st, pieces)
+        else:
+            o_on, seg_states, online = self._online_pass(q, k, v, gates, st, pieces)
+            contexts = None
         cached = _cat1(st.cached, seg_states)
         if self.uses_connector:
             pools_new, pool_on, pool_last = self._pools(k, st, pieces)
@@ -166,7 +176,7 @@ class CachedMemory(Memory):
             pool_on, pool_last = None, None
         pools = _cat1(st.pools, pools_new)
         read_cached = tree_map(torch.Tensor.detach, cached) if self.config.detach_cached else cached
-        y = self._aggregate(q, u, o_on, pool_on, read_cached, pools, st.num_cached, pieces)
+        y = self._aggregate(q, u, o_on, pool_on, read_cached, pools, st.num_cached, pieces, contexts)
         if not output_final_state:
             return y, None
         last_ends = pieces[-1][2]
@@ -242,6 +252,25 @@ class CachedMemory(Memory):
             i = j + 1
         return torch.cat(outs, 1) if len(outs) > 1 else outs[0], _stack1(seg_states), state
 
+    def _online_pass_with_context(self, q, k, v, gates, st: MCState, pieces):
+        """As :meth:`_online_pass` (checkpoint or restart), one ``base.forward_with_context`` call per
+        piece; also returns the list of the pieces' contexts (for ``soup_read``)."""
+        sizes = [hi - lo for lo, hi, _ in pieces]
+        names = list(gates)
+        parts = zip(q.split(sizes, 1), k.split(sizes, 1), v.split(sizes, 1),
+                    *(gates[n].split(sizes, 1) for n in names), strict=True)
+        outs, seg_states, contexts, state = [], [], [], st.online
+        for i, ((_, _, e), (qj, kj, vj, *gj)) in enumerate(zip(pieces, parts, strict=True)):
+            if i > 0 and self.config.init == "restart":
+                state = None  # (piece 0 continues st.online, which is None at a segment start)
+            o, state, ctx = self.base.forward_with_context(qj, kj, vj, dict(zip(names, gj, strict=True)),
+                                                           initial_state=state)
+            outs.append(o)
+            contexts.append(ctx)
+            if e:
+                seg_states.append(self.base.readable(state))
+        return torch.cat(outs, 1) if len(outs) > 1 else outs[0], _stack1(seg_states), state, contexts
+
     # -- pooled keys -------------------------------------------------------------------------------
     def _pools(self, k, st: MCState, pieces):
         """Pooled keys of the segments finished in this window ``[B, J, H, K]`` (or None), the online
@@ -267,7 +296,7 @@ class CachedMemory(Memory):
         return (torch.stack(fin, 1) if fin else None), pool_on, last
 
     # -- aggregation ---------------------------------------------------------------------------------
-    def _aggregate(self, q, u, o_on, pool_on, cached, pools, n0, pieces):
+    def _aggregate(self, q, u, o_on, pool_on, cached, pools, n0, pieces, contexts=None):
         agg = self.aggregation
         if pools is None:  # nothing cached anywhere in this window: every variant is the base memory
             return o_on
@@ -309,7 +338,7 @@ class CachedMemory(Memory):
             gamma = torch.softmax(torch.cat([s_on, scores], -1) / self.config.temperature, dim=-1)
             g_on, g_c = gamma[..., :1], gamma[..., 1:]  # [B, L, H, 1], [B, L, H, n]
             if agg == "soup" and not self.linear_readout:
-                outs.append(self.base.soup_read(qj, oj, g_on, _slice1(cached, 0, n), g_c))
+                outs.append(self.base.soup_read(qj, oj, g_on, _slice1(cached, 0, n), g_c, online=contexts[j]))
                 continue
             if flat is not None:
                 wq = (g_c[..., None] * (qj * self.base.scale)[:, :, :, None, :]).reshape(B, L, H, n * K)
