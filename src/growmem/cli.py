@@ -1,9 +1,8 @@
-"""The ``growmem`` command line. ``growmem demo`` trains a tiny byte-level LM for a few seconds."""
+"""The ``growmem`` command line (``growmem --help``)."""
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import sys
 import time
@@ -12,32 +11,13 @@ import torch
 
 from growmem.models import CausalLM, ModelConfig, mixer_names
 
-# Stdlib modules whose docstrings give a small English corpus that exists on every Python install.
-_DOC_MODULES = ("argparse", "asyncio", "collections", "contextlib", "csv", "dataclasses", "datetime",
-                "decimal", "difflib", "email", "functools", "heapq", "http", "inspect", "itertools",
-                "json", "logging", "math", "os", "pathlib", "pickle", "random", "re", "shutil", "socket",
-                "sqlite3", "statistics", "string", "subprocess", "tarfile", "textwrap", "threading",
-                "typing", "unittest", "urllib", "uuid", "warnings", "zipfile")
-
-
-def stdlib_doc_text() -> bytes:
-    """Docstrings of stdlib modules and their public members, as UTF-8 bytes (a few hundred KB)."""
-    parts: list[str] = []
-    for name in _DOC_MODULES:
-        mod = importlib.import_module(name)
-        if mod.__doc__:
-            parts.append(mod.__doc__)
-        for attr in sorted(getattr(mod, "__all__", []) or []):
-            doc = getattr(getattr(mod, attr, None), "__doc__", None)
-            if isinstance(doc, str) and len(doc) > 80:
-                parts.append(doc)
-    return "\n\n".join(parts).encode("utf-8", errors="replace")
-
 
 def run_demo(mixer: str, seconds: float, seq_len: int, batch: int, seed: int) -> list[tuple[int, float]]:
-    """Train a tiny byte-level LM on stdlib docstrings for ``seconds``; return (step, loss) pairs."""
+    """Train a tiny byte-level LM on the Python docs' text for ``seconds``; return (step, loss) pairs."""
+    from growmem.tasks.text import english_corpus
+
     torch.manual_seed(seed)
-    data = torch.tensor(list(stdlib_doc_text()), dtype=torch.long)
+    data = torch.from_numpy(english_corpus()[0].astype("int64"))
     cfg = ModelConfig(vocab_size=256, d_model=64, n_layers=2, num_heads=2, mixer=mixer, chunk_size=32)
     model = CausalLM(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
@@ -158,12 +138,17 @@ def _cmd_ess(args: argparse.Namespace, rest: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="growmem", description="growmem: sequence models whose memory grows.")
     sub = parser.add_subparsers(dest="cmd", required=True)
-    demo = sub.add_parser("demo", help="train a tiny byte-level LM for a few seconds, print its loss curve")
-    demo.add_argument("--mixer", default="gdn", choices=mixer_names())
-    demo.add_argument("--seconds", type=float, default=20.0)
-    demo.add_argument("--seq-len", type=int, default=128)
-    demo.add_argument("--batch", type=int, default=16)
-    demo.add_argument("--seed", type=int, default=0)
+    demo = sub.add_parser("demo", help="MQAR: base memory vs its Memory-Caching version vs a Transformer")
+    demo.add_argument("--out-dir", default="runs/demo")
+    demo.add_argument("--steps", type=int, default=None, help="at most this many steps per model")
+    demo.add_argument("--parallel", type=int, default=2, help="training processes (1 thread each)")
+    demo.add_argument("--models", nargs="+", default=None, help="registry names (default: gdn gdn+grm attn)")
+    lm = sub.add_parser("demo-lm", help="train a tiny byte-level LM for a few seconds, print its loss curve")
+    lm.add_argument("--mixer", default="gdn", choices=mixer_names())
+    lm.add_argument("--seconds", type=float, default=20.0)
+    lm.add_argument("--seq-len", type=int, default=128)
+    lm.add_argument("--batch", type=int, default=16)
+    lm.add_argument("--seed", type=int, default=0)
     sub.add_parser("mixers", help="list the registered token mixers")
     sub.add_parser("list", help="list models and tasks")
     tr = sub.add_parser("train", help="train one experiment (YAML), resuming from its checkpoint if any")
@@ -196,6 +181,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         if args.cmd == "demo":
+            from growmem.demo import DEMO_MODELS
+            from growmem.demo import run_demo as run_mqar_demo
+
+            run_mqar_demo(args.out_dir, args.steps, args.parallel, tuple(args.models or DEMO_MODELS))
+            return 0
+        if args.cmd == "demo-lm":
             run_demo(args.mixer, args.seconds, args.seq_len, args.batch, args.seed)
             return 0
         if args.cmd in ("mixers", "list"):

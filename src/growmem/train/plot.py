@@ -50,24 +50,33 @@ def plot_metric(results_csv: str | Path, x: str, y: str, series: str, out: str |
     return out
 
 
-def plot_loss_curves(run_dirs: list[str | Path], out: str | Path, title: str = "training loss") -> Path:
-    """Training loss against step for several run folders (reads their train.jsonl)."""
+def plot_curves(run_dirs: list[str | Path], out: str | Path, file: str = "train.jsonl", key: str = "loss",
+                logy: bool = True, title: str | None = None) -> Path:
+    """``key`` against step for several run folders (reads their ``file``: train.jsonl or eval.jsonl)."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5.5, 3.8), dpi=110)
     for d in run_dirs:
-        path = Path(d) / "train.jsonl"
+        path = Path(d) / file
         if not path.exists():
             raise ValueError(f"{path} does not exist")
         rows: list[dict[str, Any]] = [json.loads(line) for line in path.read_text().splitlines() if line]
-        ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label=Path(d).name)
+        rows = [r for r in rows if key in r]
+        ax.plot([r["step"] for r in rows], [r[key] for r in rows], marker="o" if file == "eval.jsonl" else None,
+                label=Path(d).name)
     ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_yscale("log")
+    ax.set_ylabel(key)
+    if logy:
+        ax.set_yscale("log")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    ax.set_title(title)
+    ax.set_title(title or key)
     fig.tight_layout()
     out = Path(out)
     fig.savefig(out)
     plt.close(fig)
     return out
+
+
+def plot_loss_curves(run_dirs: list[str | Path], out: str | Path, title: str = "training loss") -> Path:
+    """Training loss against step for several run folders (reads their train.jsonl)."""
+    return plot_curves(run_dirs, out, "train.jsonl", "loss", logy=True, title=title)
