@@ -19,10 +19,12 @@ from growmem.ops.delta_rule import (
 )
 from growmem.ops.gla import chunk_gla, naive_gla, step_gla
 from growmem.ops.linear_attn import chunk_linear_attn, naive_linear_attn, step_linear_attn
+from growmem.ops.scan import naive_scan, parallel_scan, step_scan
 from growmem.ops.swla import chunk_swla, naive_swla, step_swla
 
 __all__ = [
     "chunk_delta_rule", "chunk_gated_delta_rule", "naive_delta_rule", "naive_gated_delta_rule",
     "step_delta_rule", "step_gated_delta_rule", "chunk_gla", "naive_gla", "step_gla",
     "chunk_linear_attn", "naive_linear_attn", "step_linear_attn", "chunk_swla", "naive_swla", "step_swla",
+    "naive_scan", "parallel_scan", "step_scan",
 ]
