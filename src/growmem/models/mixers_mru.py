@@ -79,3 +79,16 @@ register_mixer("bmru-mem", _bmru_memory(None), "BMRU latch memory (k opens, v se
 for _agg in AGGREGATIONS:
     register_mixer(f"bmru+{_agg}", _bmru_memory(_agg), f"BMRU latch memory + Memory Caching ({_AGG[_agg]})",
                    constant_memory=False)
+
+
+# ---- classic gated RNN baselines (torch's GRU / LSTM), for comparisons with the MRUs ----------------
+def _rnn(kind: str):
+    from growmem.layers.rnn import RNNMixer
+
+    def build(cfg, layer_idx):
+        return RNNMixer(cfg.d_model, kind)
+    return build
+
+
+register_mixer("gru", _rnn("gru"), "torch GRU baseline (hidden = d_model)")
+register_mixer("lstm", _rnn("lstm"), "torch LSTM baseline (hidden = d_model)")
