@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import growmem.ops.gla as gla_mod
 from growmem.ops.delta_rule import (
     chunk_delta_rule,
     chunk_gated_delta_rule,
@@ -330,3 +331,72 @@ def test_step_bad_inputs_raise():
         step_delta_rule(q, k, v * float("nan"), b, S)
     with pytest.raises(TypeError):
         step_delta_rule(q.int(), k.int(), v.int(), b, S)
+
+
+@pytest.mark.parametrize("chunks_per_block", [1, 2, 5])
+def test_mixed_factored_and_masked_decay_blocks(monkeypatch, chunks_per_block):
+    """One chunk decays beyond the factoring limit (log decay 8 * 30 = 240 > 177 in float64): its
+    block builds the masked decay matrix, the others factor the decay through the chunk end. Outputs,
+    final state and every grad must still match the naive loop."""
+    B, T, H, K, V, C = 2, 37, 2, 5, 7, 8
+    monkeypatch.setattr(gla_mod, "_BLOCK_ELEMS", chunks_per_block * B * H * C * max(C, K + V))
+    t = make(B, T, H, K, V, requires_grad=True, seed=4)
+    with torch.no_grad():
+        t["g_raw"][:, 8:16] = 30.0  # g = -softplus(30) ~ -30 on chunk 1
+    assert gla_mod._factor_limit(F64) < 8 * 29
+    out_c, out_n = run_chunk(t, True, C), run_naive(t, True)
+    for a, b in zip(out_c, out_n, strict=True):
+        assert rel(a, b) < 1e-9
+    gc, gn = grads(t, out_c), grads(t, out_n)
+    assert set(gc) == set(gn)
+    for name in gn:
+        assert rel(gc[name], gn[name]) < 1e-9, name
+
+
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("chunks_per_block", [1, 3])
+def test_several_blocks(monkeypatch, gated, chunks_per_block):
+    """States and their grads carried across blocks of chunks (forward and backward)."""
+    B, T, H, K, V, C = 2, 45, 2, 4, 5, 8
+    monkeypatch.setattr(gla_mod, "_BLOCK_ELEMS", chunks_per_block * B * H * C * max(C, K + V))
+    t = make(B, T, H, K, V, requires_grad=True, seed=21)
+    out_c, out_n = run_chunk(t, gated, C), run_naive(t, gated)
+    for a, b in zip(out_c, out_n, strict=True):
+        assert rel(a, b) < 1e-9
+    gc, gn = grads(t, out_c), grads(t, out_n)
+    for name in gn:
+        assert rel(gc[name], gn[name]) < 1e-9, name
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_grads_through_chunk_states(gated):
+    """A loss on o, the chunk states and the final state: grads equal those of naive runs on prefixes."""
+    T, C = 29, 8
+    ends = [8, 16, 24, 29]
+    t = make(2, T, 2, 4, 6, requires_grad=True, seed=12)
+    gen = torch.Generator().manual_seed(3)
+    wo = torch.randn(2, T, 2, 6, generator=gen, dtype=F64)
+    wc = torch.randn(2, len(ends), 2, 4, 6, generator=gen, dtype=F64)
+    wS = torch.randn(2, 2, 4, 6, generator=gen, dtype=F64)
+    o, S, cs = run_chunk(t, gated, C, return_chunk_states=True)
+    loss_c = (o * wo).sum() + (cs * wc).sum() + (S * wS).sum()
+    o_n, S_n = run_naive(t, gated)
+    loss_n = (o_n * wo).sum() + (S_n * wS).sum()
+    for n, end in enumerate(ends):
+        loss_n = loss_n + (run_naive(t, gated, T=end)[1] * wc[:, n]).sum()
+    names = [n for n, x in t.items() if x is not None and (gated or n != "g_raw")]
+    g_c = torch.autograd.grad(loss_c, [t[n] for n in names])
+    g_n = torch.autograd.grad(loss_n, [t[n] for n in names])
+    for name, a, b in zip(names, g_c, g_n, strict=True):
+        assert rel(a, b) < 1e-9, name
+
+
+def test_chunk_sizes_around_the_inverse_blocking():
+    """Chunk sizes where the unit-lower-triangular inverse doubles from 16-blocks (32, 64) or falls
+    back to one triangular solve (24, 48)."""
+    t = make(1, 100, 2, 4, 4, seed=8)
+    ref = run_naive(t, True)
+    for C in (24, 32, 48, 64):
+        out = run_chunk(t, True, C)
+        for a, b in zip(out, ref, strict=True):
+            assert rel(a, b) < 1e-9, C

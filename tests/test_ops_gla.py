@@ -7,8 +7,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import growmem.ops.gla as gla_mod
 from growmem.ops.gla import chunk_gla, naive_gla, step_gla
 from growmem.ops.linear_attn import chunk_linear_attn, naive_linear_attn, step_linear_attn
+from growmem.ops.utils import check_finite
 
 F64 = torch.float64
 GATES = ["none", "scalar", "key", "norm"]  # "norm": normalized linear attention (no gate)
@@ -277,3 +279,98 @@ def test_bad_inputs():
         step_gla(q[:, 0], k[:, 0], v[:, 0], g[:, 0], s0[..., :2])
     with pytest.raises(ValueError, match="V \\+ 1"):
         step_linear_attn(q[:, 0], k[:, 0], v[:, 0], s0, normalize=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# blocked form: factored vs masked decay, chunk-state grads, low precision, validation fast path
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("chunks_per_block", [1, 2, 5])
+def test_mixed_factored_and_masked_decay_blocks(monkeypatch, chunks_per_block):
+    """One chunk decays beyond the factoring limit (log decay 8 * 30 = 240 > 177 in float64): its
+    block builds the masked decay matrix, the others factor the decay through the chunk end. Outputs,
+    states and every grad must still match the naive loop."""
+    B, T, H, K, V, C = 2, 37, 2, 4, 5, 8
+    monkeypatch.setattr(gla_mod, "_BLOCK_ELEMS", chunks_per_block * B * H * C * max(C, K, V))
+    q, k, v, g, s0 = make(B, T, H, K, V, "scalar", seed=5)
+    g = g * 0.2
+    g[:, 8:16] = -30.0  # chunk 1
+    assert gla_mod._factor_limit(F64) < 8 * 30
+    inputs = (q, k, v, g, s0)
+    o_n, f_n, g_n = outputs_and_grads(lambda *x: run_naive(*x, "scalar"), inputs)
+    o_c, f_c, g_c = outputs_and_grads(lambda *x: run_chunk(*x, "scalar", C), inputs)
+    assert rel(o_c, o_n) < 1e-10
+    assert rel(f_c, f_n) < 1e-10
+    for a, b in zip(g_c, g_n, strict=True):
+        assert rel(a, b) < 1e-10
+
+
+@pytest.mark.parametrize("gate", ["none", "scalar", "norm"])
+@pytest.mark.parametrize("chunks_per_block", [1, 3])
+def test_several_blocks(monkeypatch, gate, chunks_per_block):
+    """States and their grads carried across blocks of chunks (forward and backward)."""
+    B, T, H, K, V, C = 2, 45, 2, 4, 5, 8
+    monkeypatch.setattr(gla_mod, "_BLOCK_ELEMS", chunks_per_block * B * H * C * max(C, K, V + 1))
+    inputs = make(B, T, H, K, V, gate, seed=11)
+    o_n, f_n, g_n = outputs_and_grads(lambda *x: run_naive(*x, gate), inputs)
+    o_c, f_c, g_c = outputs_and_grads(lambda *x: run_chunk(*x, gate, C), inputs)
+    assert rel(o_c, o_n) < 1e-10
+    assert rel(f_c, f_n) < 1e-10
+    for a, b in zip(g_c, g_n, strict=True):
+        assert rel(a, b) < 1e-10
+
+
+@pytest.mark.parametrize("gate", ["none", "scalar", "key"])
+def test_grads_through_chunk_states(gate):
+    """A loss on o, the chunk states and the final state: grads equal those of naive runs on prefixes."""
+    B, T, H, K, V, C = 2, 29, 2, 4, 3, 8
+    inputs = make(B, T, H, K, V, gate, seed=7)
+    ends = [8, 16, 24, 29]
+    gen = torch.Generator().manual_seed(9)
+    wo = torch.randn(B, T, H, V, generator=gen, dtype=F64)
+    wc = torch.randn(B, len(ends), H, K, V, generator=gen, dtype=F64)
+    wf = torch.randn(B, H, K, V, generator=gen, dtype=F64)
+
+    def grads(loss_fn):
+        leaves = [None if x is None else x.detach().clone().requires_grad_(True) for x in inputs]
+        loss_fn(*leaves).backward()
+        return [x.grad for x in leaves if x is not None]
+
+    def chunked(q, k, v, g, s0):
+        o, f, cs = run_chunk(q, k, v, g, s0, gate, C, return_chunk_states=True)
+        return (o * wo).sum() + (cs * wc).sum() + (f * wf).sum()
+
+    def naive(q, k, v, g, s0):
+        o, f = run_naive(q, k, v, g, s0, gate)
+        loss = (o * wo).sum() + (f * wf).sum()
+        for n, end in enumerate(ends):
+            gp = None if g is None else g[:, :end]
+            loss = loss + (run_naive(q[:, :end], k[:, :end], v[:, :end], gp, s0, gate)[1] * wc[:, n]).sum()
+        return loss
+
+    for a, b in zip(grads(chunked), grads(naive), strict=True):
+        assert rel(a, b) < 1e-10
+
+
+@pytest.mark.parametrize("gate", ["none", "scalar"])
+def test_bfloat16_runs(gate):
+    q, k, v, g, s0 = make(1, 50, 2, 8, 8, gate, seed=2)
+    xs = [None if x is None else x.bfloat16().requires_grad_(True) for x in (q, k, v, g, s0)]
+    o, f = chunk_gla(*xs[:4], initial_state=xs[4], output_final_state=True, chunk_size=16)
+    assert o.dtype == f.dtype == torch.bfloat16
+    o_ref = naive_gla(q, k, v, g, initial_state=s0)[0]
+    assert rel(o.double(), o_ref) < 5e-2
+    (o.float().sum() + f.float().sum()).backward()
+    assert all(torch.isfinite(x.grad).all() for x in xs if x is not None)
+
+
+def test_check_finite_fast_path_is_exact():
+    x = torch.full((3, 4), 1e308, dtype=F64)  # finite entries whose sum overflows
+    check_finite("x", x)
+    x[1, ::2] = -1e308  # the sum is now inf - inf = nan, the entries are still finite
+    check_finite("x", x)
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        y = torch.zeros(5, dtype=torch.float32)
+        y[3] = bad
+        with pytest.raises(ValueError, match="NaN or Inf"):
+            check_finite("y", y)

@@ -31,7 +31,7 @@ k_i)` and unrolling gives the unit-lower-triangular system
     A_{ij} = \beta_i e^{G_i - G_j} k_i^\top k_j \ (i > j),
 
 so with :math:`T = (I + A)^{-1}`, :math:`U = T\operatorname{diag}(\beta) V` and
-:math:`W = T\operatorname{diag}(\beta e^{G}) K` (one batched triangular solve for every chunk):
+:math:`W = T\operatorname{diag}(\beta e^{G}) K`:
 
 .. math::
 
@@ -40,15 +40,39 @@ so with :math:`T = (I + A)^{-1}`, :math:`U = T\operatorname{diag}(\beta) V` and
         \quad D_{ij} = e^{G_i - G_j}\,[i \ge j], \\
     S_C &= e^{G_C} S_0 + (K \odot e^{G_C - G})^\top u.
 
-Only the last three lines run in a python loop over chunks (``T / C`` iterations of batched
-matmuls); all decay exponents are ``<= 0`` (the mask is applied *before* the exp), so long
-sequences with strong decay stay finite.
+Implementation (:class:`_DeltaRuleFunction`, an ``autograd.Function`` with a hand-written backward;
+first-order gradients only). Chunks are processed in blocks (see :mod:`growmem.ops.gla`), gathered
+into a chunk-major layout ``[chunks * B * H, C, D]``; per block, all of ``[Q; K] K^T``, :math:`T`,
+``[W | U]`` and the outputs are batched matmuls. :math:`T` is formed explicitly by
+:func:`_unit_lower_inverse` (triangular solves of ``16 x 16`` diagonal blocks, then block doubling
+with matmuls), which is several times faster than a batched triangular solve with ``K + V``
+right-hand sides. Only the two lines giving ``u`` and ``S_C`` run per chunk (two small matmuls). The
+decay matrix :math:`D` is factored through the chunk end,
+:math:`e^{G_i - G_j} = e^{G_i} e^{G_C - G_j} e^{-G_C}`, when the chunk's total log decay is small
+enough for all factors to stay well inside the dtype's range (:func:`growmem.ops.gla._factor_limit`);
+otherwise it is formed with the mask applied *before* the exp (all exponents ``<= 0``). So long
+sequences with strong decay stay finite. The backward recomputes the block quantities from the
+inputs and the saved chunk states and runs the adjoint recurrence in reverse.
 """
 
 from __future__ import annotations
 
-import torch
+from typing import NamedTuple
 
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from growmem.ops.gla import (
+    _blocks,
+    _chunk_gates,
+    _chunks_per_block,
+    _decay_matrix,
+    _Gates,
+    _gather,
+    _reverse_cumsum,
+    _scatter,
+)
 from growmem.ops.utils import (
     check_chunk_size,
     check_finite,
@@ -57,7 +81,6 @@ from growmem.ops.utils import (
     check_qkv,
     check_state,
     default_scale,
-    pad_time,
 )
 
 __all__ = [
@@ -68,8 +91,6 @@ __all__ = [
     "step_delta_rule",
     "step_gated_delta_rule",
 ]
-
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -247,76 +268,277 @@ def step_gated_delta_rule(q, k, v, g, beta, state, *, scale=None):
 # ----------------------------------------------------------------------------------------------
 
 
+def _unit_lower_inverse(A: Tensor, base: int = 16) -> Tensor:
+    r"""``(I + A)^{-1}`` for strictly lower triangular ``A: [M, C, C]`` (exact; batched matmuls).
+
+    The inverse of a unit lower triangular matrix is unit lower triangular, and for the block split
+    ``I + A = [[L_11, 0], [L_21, L_22]]`` it is ``[[X_11, 0], [-X_22 L_21 X_11, X_22]]`` with
+    ``X_ii = L_ii^{-1}``. Diagonal blocks of size ``base`` are inverted by one batched triangular solve,
+    then the solved blocks are doubled in size (``C / base`` must be a power of two; otherwise, and for
+    ``C <= base``, a single triangular solve of the whole matrix is used). Doubling needs ``~C^3 / 3``
+    multiply-adds per matrix, in matmuls of ``base .. C / 2`` rows: much faster than a solve of ``C``
+    right-hand sides, whose per-matrix kernels are slow at these sizes.
+    """
+    M, C, _ = A.shape
+    n = C // base
+    if n < 2 or C % base or n & (n - 1):
+        base = C
+    eye = torch.eye(base, dtype=A.dtype, device=A.device)
+    if base == C:
+        X = A.new_empty(M, C, C)
+        diag = A[:, None], X[:, None]
+    else:
+        X = torch.zeros_like(A)
+        s0, s1, s2 = A.stride()
+        size, stride = (M, n, base, base), (s0, base * (s1 + s2), s1, s2)
+        diag = A.as_strided(size, stride), X.as_strided(size, stride)
+    # diagonal blocks: solve Y L^T = I (an upper triangular right solve: the fastest batched variant of
+    # the LAPACK kernel here), then X_ii = Y^T = L_ii^{-1}
+    LT = torch.add(diag[0].transpose(-1, -2), eye, out=torch.empty_like(diag[0]))
+    Y = torch.linalg.solve_triangular(LT, eye.expand_as(LT), upper=True, left=False, unitriangular=True)
+    diag[1].copy_(Y.transpose(-1, -2))
+    b = base
+    s0, s1, s2 = X.stride()
+    a0, a1, a2 = A.stride()
+    while b < C:
+        for r in range(0, C, 2 * b):  # diagonal [2b, 2b] block at r: fill its lower-left [b, b] block
+            lo, hi = r, r + b  # X_11 = X[lo:hi, lo:hi], X_22 = X[hi:hi+b, hi:hi+b], L_21 = A[hi:hi+b, lo:hi]
+            X11, X22, X21 = (X.as_strided((M, b, b), (s0, s1, s2), X.storage_offset() + i * s1 + j * s2)
+                             for i, j in ((lo, lo), (hi, hi), (hi, lo)))
+            L21 = A.as_strided((M, b, b), (a0, a1, a2), A.storage_offset() + hi * a1 + lo * a2)
+            torch.neg(torch.bmm(X22, torch.bmm(L21, X11)), out=X21)
+        b *= 2
+    return X
+
+
+class _Block(NamedTuple):
+    """Per-block quantities of the chunked delta rule (chunk-major, ``M`` rows of ``[C, .]``)."""
+
+    bb: Tensor  # [M, C]  beta
+    gates: _Gates | None  # the block's decay factors (None: ungated)
+    qg: Tensor  # [M, C, K]  q * exp(G): queries as they see the chunk start state (unscaled)
+    kg: Tensor  # [M, C, K]  k * exp(G)
+    kd: Tensor  # [M, C, K]  k * exp(G_C - G): keys as they reach the chunk end state
+    D: Tensor | None  # [M, C, C]  exp(G_i - G_j) [i >= j] if materialised (strong decay), else None
+    P: Tensor  # [M, C, C]  (q k^T) * D, lower triangle incl. the diagonal
+    KD: Tensor  # [M, C, C]  (k k^T) * D, strictly lower
+    Tinv: Tensor  # [M, C, C]  (I + diag(beta) KD)^{-1}
+    WU: Tensor  # [M, C, K + V]  [W | U] = Tinv [diag(beta) kg | diag(beta) v]
+
+
+def _delta_block(q: Tensor, k: Tensor, v: Tensor, bb: Tensor, gates: _Gates | None, c0: int, c1: int,
+                 C: int) -> _Block:
+    """The within-chunk part of the chunked (gated) delta rule for chunks ``c0 .. c1-1``.
+
+    ``q, k, v`` are the full ``[B, T, H, .]`` sequences, ``bb: [M, C]`` the block's beta and ``gates``
+    its rows of :class:`growmem.ops.gla._Gates` (``None`` without gate), all in the compute dtype. The
+    block is gathered chunk-major (see :func:`growmem.ops.gla._gather`) with the decay factors applied
+    in the same pass. ``q k^T`` and ``k k^T`` come from one matmul ``[q; k] k^T``. While no chunk of
+    the block decays by more than :func:`growmem.ops.gla._factor_limit` (always without gate), the
+    decay is factored through the chunk end, ``(q k^T) * D = tril(qg kd^T) exp(-G_C)`` (likewise
+    ``k k^T``); otherwise ``D`` is formed, masked before the exponential. See :class:`_Block`.
+    """
+    K = k.shape[-1]
+    M = bb.shape[0]
+    X = bb.new_empty(M, 2 * C, K)  # [q; k] (times exp(G))
+    R = bb.new_empty(M, C, K + v.shape[-1])  # [diag(beta) kg | diag(beta) v]
+    _gather(v, c0, c1, C, mul=bb, out=R[..., K:])
+    D = None
+    if gates is None:
+        qg, kg = _gather(q, c0, c1, C, out=X[:, :C]), _gather(k, c0, c1, C, out=X[:, C:])
+        kd = kg
+        R2 = torch.bmm(X, kg.transpose(1, 2))
+    else:
+        qg = _gather(q, c0, c1, C, mul=gates.exp_g, out=X[:, :C])
+        kg = _gather(k, c0, c1, C, mul=gates.exp_g, out=X[:, C:])
+        if gates.factored(bb.dtype):
+            kd = kg * (gates.exp_to_end / gates.exp_g)[..., None]  # exponents within +-G_C here
+            R2 = torch.bmm(X, kd.transpose(1, 2)).mul_(gates.inv_dec[:, None, None])
+        else:
+            kd = _gather(k, c0, c1, C, mul=gates.exp_to_end)
+            D = _decay_matrix(gates.G, bb.dtype)
+            qb, kb = _gather(q, c0, c1, C, bb.dtype), _gather(k, c0, c1, C, bb.dtype)
+            R2 = torch.bmm(torch.cat([qb, kb], 1), kb.transpose(1, 2)).mul_(D.repeat(1, 2, 1))
+    P, KD = R2[:, :C].tril_(), R2[:, C:].tril_(-1)
+    torch.mul(kg, bb[..., None], out=R[..., :K])
+    Tinv = _unit_lower_inverse(KD * bb[..., None])
+    return _Block(bb, gates, qg, kg, kd, D, P, KD, Tinv, torch.bmm(Tinv, R))
+
+
+class _DeltaRuleFunction(torch.autograd.Function):
+    r"""Chunked (gated) delta rule, blocked over chunks, with a hand-written backward (exact).
+
+    Inputs ``q, k: [B, T, H, K]``, ``v: [B, T, H, V]``, ``g`` (or ``None``), ``beta: [B, T, H]``, ``s0:
+    [B, H, K, V]`` or ``None``, python ``scale`` and chunk size ``C``. Outputs ``o: [B, T, H, V]`` and
+    ``states: [NC + 1, B * H, K, V]`` (compute dtype), the state before every chunk and after the last
+    (``states[0] = s0``). With the block quantities of :class:`_Block`, per chunk ``n``::
+
+        u_n       = U_n - W_n S_n
+        S_{n + 1} = dec_n S_n + kd_n^T u_n
+        o_n       = scale * (qg_n S_n + P_n u_n)
+
+    Only the first two lines run per chunk (two small matmuls); everything else is batched over a
+    block of chunks. The backward recomputes the block quantities from the inputs and the saved
+    states and runs the adjoint recurrence in reverse::
+
+        du_n = scale P_n^T do_n + kd_n dS_{n + 1}
+        dS_n = dec_n dS_{n + 1} - W_n^T du_n + scale qg_n^T do_n
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, g, beta, s0, scale, C):
+        B, T, H, K = q.shape
+        V = v.shape[-1]
+        N, NC = B * H, -(-T // C)
+        ct = torch.promote_types(q.dtype, torch.float32)  # no half-precision triangular solves
+        states = q.new_empty(NC + 1, N, K, V, dtype=ct)
+        if s0 is None:
+            states[0].zero_()
+        else:
+            states[0].copy_(s0.reshape(N, K, V))
+        o = q.new_empty(B, T, H, V)
+        S = states.unbind(0)
+        beta_c = _gather(beta, 0, NC, C, ct)  # [NC * N, C]
+        gates = None if g is None else _chunk_gates(g, NC, C, ct, ct)
+        for c0, c1 in _blocks(NC, _chunks_per_block(N, C, K + V)):
+            m = c1 - c0
+            gb = None if gates is None else gates.rows(c0, c1)
+            blk = _delta_block(q, k, v, beta_c[c0 * N: c1 * N], gb, c0, c1, C)
+            W, U = blk.WU[..., :K].view(m, N, C, K).unbind(0), blk.WU[..., K:].view(m, N, C, V).unbind(0)
+            kdT = blk.kd.transpose(1, 2).view(m, N, K, C).unbind(0)
+            dec = [None] * m if gb is None else gb.dec.view(m, N, 1, 1).unbind(0)
+            u = states.new_empty(m, N, C, V)
+            for j, u_j in enumerate(u.unbind(0)):
+                n = c0 + j
+                torch.baddbmm(U[j], W[j], S[n], alpha=-1.0, out=u_j)
+                if dec[j] is None:
+                    torch.baddbmm(S[n], kdT[j], u_j, out=S[n + 1])
+                else:
+                    torch.mul(S[n], dec[j], out=S[n + 1]).baddbmm_(kdT[j], u_j)
+            Sb = states[c0:c1].view(-1, K, V)
+            ob = torch.baddbmm(torch.bmm(blk.qg, Sb), blk.P, u.view(-1, C, V), beta=scale, alpha=scale)
+            _scatter(o, ob, c0, c1, C)
+        ctx.save_for_backward(q, k, v, g, beta, states)
+        ctx.scale, ctx.C, ctx.has_s0 = scale, C, s0 is not None
+        ctx.set_materialize_grads(False)
+        return o, states
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, do, dstates):
+        q, k, v, g, beta, states = ctx.saved_tensors
+        scale, C = ctx.scale, ctx.C
+        B, T, H, K = q.shape
+        V = v.shape[-1]
+        N, NC = B * H, -(-T // C)
+        ct = states.dtype
+        if do is None:
+            do = torch.zeros_like(v)
+        dq, dk, dv, dbeta = (torch.empty_like(x) for x in (q, k, v, beta))
+        dg = None if g is None else torch.empty_like(g)
+        dS = states.new_zeros(N, K, V) if dstates is None else dstates[NC].to(ct)
+        beta_c = _gather(beta, 0, NC, C, ct)  # [NC * N, C]
+        gates = None if g is None else _chunk_gates(g, NC, C, ct, ct)
+        for c0, c1 in reversed(_blocks(NC, _chunks_per_block(N, C, K + V))):
+            m = c1 - c0
+            gb = None if gates is None else gates.rows(c0, c1)
+            bb = beta_c[c0 * N: c1 * N]
+            blk = _delta_block(q, k, v, bb, gb, c0, c1, C)
+            dob, vb = _gather(do, c0, c1, C, ct), _gather(v, c0, c1, C, ct)
+            W, U = blk.WU[..., :K], blk.WU[..., K:]
+            Sb = states[c0:c1].view(-1, K, V)
+            u = torch.baddbmm(U, W, Sb, alpha=-1.0)  # [M, C, V], as in the forward
+            # adjoint recurrence; dSb[j] = grad of states[c0 + j], dSb[m] carried in from the next block
+            dSb = states.new_empty(m + 1, N, K, V)
+            dSb[m] = dS
+            direct = dSb[:m].view(-1, K, V)  # o_n = scale qg_n S_n (+ the grads of returned chunk states)
+            if dstates is None:
+                direct.baddbmm_(blk.qg.transpose(1, 2), dob, beta=0.0, alpha=scale)
+            else:
+                torch.baddbmm(dstates[c0:c1].reshape(-1, K, V).to(ct), blk.qg.transpose(1, 2), dob, alpha=scale,
+                              out=direct)
+            # du = grad of u (contiguous: in-place matmuls into strided results are slow)
+            du = torch.baddbmm(dob, blk.P.transpose(1, 2), dob, beta=0.0, alpha=scale)
+            du_, kd_ = du.view(m, N, C, V).unbind(0), blk.kd.view(m, N, C, K).unbind(0)
+            WT_, dS_ = W.transpose(1, 2).view(m, N, K, C).unbind(0), dSb.unbind(0)
+            dec = [None] * m if gb is None else gb.dec.view(m, N, 1, 1).unbind(0)
+            for j in range(m - 1, -1, -1):
+                du_[j].baddbmm_(kd_[j], dS_[j + 1])
+                if dec[j] is None:
+                    dS_[j].add_(dS_[j + 1])
+                else:
+                    dS_[j].addcmul_(dS_[j + 1], dec[j])
+                dS_[j].baddbmm_(WT_[j], du_[j], alpha=-1.0)
+            dS = dSb[0]
+            dX = dSb[1:].view(-1, K, V)  # grads of the chunk end states
+            dqg = torch.bmm(dob, Sb.transpose(1, 2))  # unscaled
+            dP = torch.bmm(dob, u.transpose(1, 2))  # unscaled
+            dkd = torch.bmm(u, dX.transpose(1, 2))
+            dWU = states.new_empty(m * N, C, K + V)  # [dW | dU]: u = U - W S
+            torch.neg(torch.bmm(du, Sb.transpose(1, 2)), out=dWU[..., :K])
+            dWU[..., K:] = du
+            dR = torch.bmm(blk.Tinv.transpose(1, 2), dWU)  # WU = Tinv R
+            dA = torch.bmm(dR, blk.WU.transpose(1, 2)).neg_().tril_(-1)  # Tinv = (I + A)^{-1}
+            dRk, dRv = dR[..., :K], dR[..., K:]
+            bcol = bb[..., None]
+            t = (dRk * blk.kg).sum(-1)  # R_k = beta kg
+            dbb = (dA * blk.KD).sum(-1) + (dRv * vb).sum(-1) + t  # A = diag(beta) KD, R_v = beta v
+            dvb = dRv * bcol
+            dKD = dA.mul_(bcol)
+            if blk.D is None:  # P = tril(qg kd^T) e^{-G_C}, KD = tril_(-1)(kg kd^T) e^{-G_C}
+                dP_ = dP.tril()
+                if gb is not None:
+                    dP_.mul_(gb.inv_dec[:, None, None])
+                    dKD_ = dKD * gb.inv_dec[:, None, None]
+                else:
+                    dKD_ = dKD
+                dqg_t = torch.baddbmm(dqg, dP_, blk.kd, beta=scale, alpha=scale)
+                dkd_t = torch.baddbmm(dkd, dP_.transpose(1, 2), blk.qg, alpha=scale)
+                dkd_t.baddbmm_(dKD_.transpose(1, 2), blk.kg)
+                dkg_t = torch.baddbmm(dRk * bcol, dKD_, blk.kd)
+                if g is None:
+                    dqb, dkb = dqg_t, dkg_t.add_(dkd_t)
+                else:
+                    eG, eCG = gb.exp_g[..., None], gb.exp_to_end[..., None]
+                    dqb, dkb = dqg_t.mul_(eG), dkg_t.mul_(eG).addcmul_(dkd_t, eCG)
+            else:  # P = (q k^T) * D, KD = (k k^T) * D
+                eG, eCG = gb.exp_g[..., None], gb.exp_to_end[..., None]
+                qb, kb = _gather(q, c0, c1, C, ct), _gather(k, c0, c1, C, ct)
+                dQK = dP * blk.D
+                dKK = dKD * blk.D
+                dKK = dKK + dKK.transpose(1, 2)
+                dqb = torch.baddbmm(dqg * (scale * eG), dQK, kb, alpha=scale)
+                dkb = torch.baddbmm(dRk * (bcol * eG) + dkd * eCG, dQK.transpose(1, 2), qb, alpha=scale)
+                dkb.baddbmm_(dKK, kb)
+            if g is not None:
+                # dG_i, from the parametrisation by D: sum of (grad * value) over the factors holding
+                # exp(+G_i), minus that over the factors holding exp(-G_i)
+                Z = (dKD * blk.KD).addcmul_(dP, blk.P, value=scale)  # (grad of D_ij) D_ij
+                y = (dkd * blk.kd).sum(-1)  # kd_j = k_j exp(G_C - G_j)
+                dG = bb * t + scale * (dqg * blk.qg).sum(-1) + Z.sum(-1) - Z.sum(-2) - y
+                ddec = (dSb[1:] * states[c0:c1]).sum((-1, -2)).view(-1)  # dec_n S_n -> S_{n+1}
+                dG[:, -1] += y.sum(-1) + ddec * gb.dec
+                _scatter(dg, _reverse_cumsum(dG), c0, c1, C)
+            for out, xb in ((dq, dqb), (dk, dkb), (dv, dvb)):
+                _scatter(out, xb, c0, c1, C)
+            _scatter(dbeta, dbb, c0, c1, C)
+        ds0 = dS.reshape(B, H, K, V) if ctx.has_s0 else None
+        return dq, dk, dv, dg, dbeta, ds0, None, None
+
+
 def _chunk(q, k, v, g, beta, scale, initial_state, output_final_state, chunk_size, return_chunk_states):
     B, T, H, K, V, scale = _check_seq(q, k, v, g, beta, initial_state, scale)
     check_chunk_size(chunk_size)
     dt = q.dtype
-    C = chunk_size
+    C = min(chunk_size, T)  # never work on more padding than needed
     NC = -(-T // C)
-    Tp = NC * C
-
-    # [B, T, H, D] -> [B, H, NC, C, D]; zero padding (k = beta = g = 0) leaves the state unchanged.
-    def to_chunks(x):
-        x = pad_time(x.to(dt), C)
-        return x.reshape(B, NC, C, H, *x.shape[3:]).movedim(3, 1).contiguous()
-
-    qc = to_chunks(q) * scale
-    kc, vc = to_chunks(k), to_chunks(v)
-    bc = to_chunks(beta)  # [B, H, NC, C]
-
-    idx = torch.arange(C, device=q.device)
-    incl = idx[:, None] >= idx[None, :]  # i >= j
-    strict = idx[:, None] > idx[None, :]  # i > j
-
-    kk = kc @ kc.transpose(-1, -2)  # [B, H, NC, C, C]
-    qk = qc @ kc.transpose(-1, -2)
-    if g is not None:
-        G = to_chunks(g).cumsum(-1)  # [B, H, NC, C], <= 0 and decreasing for g <= 0
-        diff = G[..., :, None] - G[..., None, :]  # G_i - G_j
-        D = torch.exp(diff.masked_fill(~incl, float("-inf")))  # masked before exp: exponents <= 0
-        eG = torch.exp(G)
-        eGC = eG[..., -1]  # [B, H, NC]: decay of the whole chunk
-        eGCj = torch.exp(G[..., -1:] - G)  # [B, H, NC, C]: exp(G_C - G_j) <= 1
-        A = (bc[..., None] * kk * D).masked_fill(~strict, 0.0)
-        P = qk * D  # D is already zero above the diagonal
-        rhs_k = kc * (bc * eG)[..., None]
-        qg = qc * eG[..., None]
-        kdec = kc * eGCj[..., None]
-    else:
-        A = (bc[..., None] * kk).masked_fill(~strict, 0.0)
-        P = qk.masked_fill(~incl, 0.0)
-        rhs_k = kc * bc[..., None]
-        qg = qc
-        kdec = kc
-
-    # One batched unit-lower-triangular solve for W and U of every chunk.
-    L = A + torch.eye(C, dtype=dt, device=q.device)
-    rhs = torch.cat([rhs_k, vc * bc[..., None]], dim=-1)  # [B, H, NC, C, K + V]
-    if dt in _LOW_PRECISION:  # no half-precision triangular solve kernels
-        X = torch.linalg.solve_triangular(L.float(), rhs.float(), upper=False, unitriangular=True).to(dt)
-    else:
-        X = torch.linalg.solve_triangular(L, rhs, upper=False, unitriangular=True)
-    W, U = X[..., :K], X[..., K:]
-    kdecT = kdec.transpose(-1, -2)  # [B, H, NC, K, C]
-
-    S = q.new_zeros(B, H, K, V) if initial_state is None else initial_state.to(dt)
-    outs, states = [], []
-    # unbind once (a single stack in backward) instead of indexing per chunk, whose backward would
-    # scatter into a full-size zero tensor per chunk (quadratic in the number of chunks).
-    dec = eGC[..., None, None].unbind(2) if g is not None else [None] * NC
-    for W_n, U_n, Q_n, P_n, kT_n, d_n in zip(W.unbind(2), U.unbind(2), qg.unbind(2), P.unbind(2),
-                                             kdecT.unbind(2), dec, strict=True):
-        u = U_n - W_n @ S
-        outs.append(Q_n @ S + P_n @ u)
-        S = (S if d_n is None else d_n * S) + kT_n @ u
-        if return_chunk_states:
-            states.append(S)
-
-    o = torch.stack(outs, dim=2).reshape(B, H, Tp, V).transpose(1, 2)[:, :T]
-    final = S if output_final_state else None
+    s0 = None if initial_state is None else initial_state.to(torch.promote_types(dt, torch.float32))
+    o, states = _DeltaRuleFunction.apply(q, k, v, g, beta, s0, scale, C)
+    states = states.view(NC + 1, B, H, K, V).to(dt)
     if return_chunk_states:
-        return o, final, torch.stack(states, dim=1)
-    return o, final
+        return o, (states[NC] if output_final_state else None), states[1:].transpose(0, 1)
+    # a copy, so that the returned state does not keep every chunk state alive
+    return o, (states[NC].clone() if output_final_state else None)
 
 
 def chunk_delta_rule(q, k, v, beta, *, scale=None, initial_state=None, output_final_state=False,
@@ -338,8 +560,8 @@ def chunk_delta_rule(q, k, v, beta, *, scale=None, initial_state=None, output_fi
     Returns:
         ``(o [B, T, H, V], final_state [B, H, K, V] or None)`` and, with ``return_chunk_states``,
         a third element ``chunk_states [B, ceil(T / C), H, K, V]`` (its last entry is the final
-        state). Computed in ``q``'s dtype (the triangular solve in float32 for half dtypes);
-        differentiable w.r.t. every tensor input.
+        state). Returned in ``q``'s dtype (computed in float32 for half dtypes); differentiable once
+        w.r.t. every tensor input (hand-written backward, no double backward).
     """
     return _chunk(q, k, v, None, beta, scale, initial_state, output_final_state, chunk_size,
                   return_chunk_states)
@@ -365,8 +587,8 @@ def chunk_gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None, 
     Returns:
         ``(o [B, T, H, V], final_state [B, H, K, V] or None)`` and, with ``return_chunk_states``,
         a third element ``chunk_states [B, ceil(T / C), H, K, V]`` (its last entry is the final
-        state). Computed in ``q``'s dtype (the triangular solve in float32 for half dtypes);
-        differentiable w.r.t. every tensor input.
+        state). Returned in ``q``'s dtype (computed in float32 for half dtypes); differentiable once
+        w.r.t. every tensor input (hand-written backward, no double backward).
     """
     return _chunk(q, k, v, g, beta, scale, initial_state, output_final_state, chunk_size,
                   return_chunk_states)
