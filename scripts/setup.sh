@@ -8,4 +8,4 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 .venv/bin/python -m pip install --quiet "torch==${GROWMEM_TORCH_VERSION:-2.13.0}"
-.venv/bin/python -m pip install --quiet -e ".[dev,exp]"
+.venv/bin/python -m pip install --quiet -e ".[dev,exp,hf,eval]" "torch==${GROWMEM_TORCH_VERSION:-2.13.0}"
