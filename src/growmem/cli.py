@@ -69,7 +69,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from growmem.models import CausalLM
+    from growmem.models import build_model
     from growmem.tasks import make_task
     from growmem.train.checkpoint import latest_checkpoint, load_checkpoint, read_state
     from growmem.train.config import ExperimentConfig, apply_overrides
@@ -78,7 +78,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if ckpt is None:
         raise ValueError(f"no checkpoint in {args.run!r}")
     cfg = ExperimentConfig.from_dict(apply_overrides(read_state(ckpt)["config"], args.set or []))
-    model = CausalLM(cfg.model)
+    model = build_model(cfg.model)
     load_checkpoint(ckpt, model, restore_rng=False)
     task = make_task(cfg.task.name, **cfg.task.options)
     model.eval()
@@ -119,6 +119,9 @@ def _cmd_list(args: argparse.Namespace) -> int:
     for n in mixer_names():
         spec = get_mixer_spec(n)
         print(f"  {n:16s} {'O(1)' if spec.constant_memory else 'grows':5s}  {spec.description}")
+    print("model wrappers (set in the model config, around any mixer above):")
+    print(f"  {'rmt':16s} {'O(1)':5s}  Recurrent Memory Transformer: memory tokens carried across segments "
+          "(model.rmt: {num_mem_tokens, segment_len, bptt_depth, max_segments})")
     try:
         from growmem.tasks import TASKS
     except ImportError:
@@ -141,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     demo = sub.add_parser("demo", help="MQAR: base memory vs its Memory-Caching version vs a Transformer")
     demo.add_argument("--out-dir", default="runs/demo")
     demo.add_argument("--steps", type=int, default=None, help="at most this many steps per model")
-    demo.add_argument("--parallel", type=int, default=2, help="training processes (1 thread each)")
+    demo.add_argument("--parallel", type=int, default=3, help="training processes (1 thread each)")
     demo.add_argument("--models", nargs="+", default=None, help="registry names (default: gdn gdn+grm attn)")
     lm = sub.add_parser("demo-lm", help="train a tiny byte-level LM for a few seconds, print its loss curve")
     lm.add_argument("--mixer", default="gdn", choices=mixer_names())

@@ -12,6 +12,13 @@ before it), so decoding needs only the last ``W - 1`` keys/values: constant memo
 
 Positions are absolute. When the queries are the last ``Tq`` of ``Tk`` keys (decoding with a KV
 cache) the causal mask is aligned bottom-right: query ``i`` sits at key position ``Tk - Tq + i``.
+
+Bidirectional prefix (``prefix_len = P``, default 0; used by the Recurrent Memory Transformer's read
+memory): the first ``P`` key positions form a block that sees itself fully,
+
+    visible(i, j) = causal/window(i, j)  or  (i < P and j < P),
+
+so a prefix query also sees the prefix keys after it; queries at ``i >= P`` are unchanged.
 """
 
 from __future__ import annotations
@@ -72,13 +79,31 @@ def _resolve_offset(q_offset: int | None, Tq: int, Tk: int) -> int:
     return q_offset
 
 
+def _check_prefix(prefix_len: int, Tk: int) -> int:
+    if isinstance(prefix_len, bool) or not isinstance(prefix_len, int):
+        raise TypeError(f"prefix_len must be an int >= 0, got {type(prefix_len).__name__}")
+    if prefix_len < 0 or prefix_len > Tk:
+        raise ValueError(f"prefix_len must satisfy 0 <= prefix_len <= Tk={Tk}, got {prefix_len}")
+    return prefix_len
+
+
+def _visible(i: torch.Tensor, j: torch.Tensor, window: int | None, prefix_len: int) -> torch.Tensor:
+    """Boolean visibility of key position ``j`` to query position ``i`` (broadcast)."""
+    vis = j <= i
+    if window is not None:
+        vis = vis & (j > i - window)
+    if prefix_len > 0:
+        vis = vis | ((i < prefix_len) & (j < prefix_len))
+    return vis
+
+
 def default_block_size(window: int) -> int:
     """Query block size of the blocked SWA path: ``clamp(window, 64, 512)``."""
     return min(max(window, 64), 512)
 
 
 def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, window: int | None = None,
-                    scale: float | None = None) -> torch.Tensor:
+                    scale: float | None = None, prefix_len: int = 0) -> torch.Tensor:
     """Reference causal (optionally sliding-window) softmax attention, by an explicit masked softmax.
 
     Args:
@@ -86,6 +111,7 @@ def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, window
             equal). The queries are the *last* ``Tq`` positions of the keys (bottom-right alignment).
         window: ``None`` for full causal attention, else ``W >= 1``: query ``i`` sees ``i-W < j <= i``.
         scale: score scale, default ``1 / sqrt(D)``.
+        prefix_len: ``P``: key positions ``< P`` form a bidirectional prefix (module docstring).
 
     Returns:
         ``o: [B, Tq, H, Dv]`` = ``softmax(q k^T * scale + mask) v``, computed in the input dtype
@@ -94,14 +120,13 @@ def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, window
     B, Tq, Tk, H = _check_attn_inputs(q, k, v)
     _check_window(window)
     off = _resolve_offset(None, Tq, Tk)
+    prefix_len = _check_prefix(prefix_len, Tk)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     scores = torch.einsum("bihd,bjhd->bhij", q, k) * scale  # [B, H, Tq, Tk]
     i = torch.arange(Tq, device=q.device)[:, None] + off
     j = torch.arange(Tk, device=q.device)[None, :]
-    visible = j <= i
-    if window is not None:
-        visible = visible & (j > i - window)
+    visible = _visible(i, j, window, prefix_len)
     scores = scores.masked_fill(~visible, float("-inf"))
     p = torch.softmax(scores, dim=-1)
     return torch.einsum("bhij,bjhd->bihd", p, v)
@@ -115,7 +140,7 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor 
 
 def attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, window: int | None = None,
                  q_offset: int | None = None, scale: float | None = None,
-                 block_size: int | None = None) -> torch.Tensor:
+                 block_size: int | None = None, prefix_len: int = 0) -> torch.Tensor:
     """Causal / sliding-window softmax attention via ``F.scaled_dot_product_attention``.
 
     Args:
@@ -126,6 +151,8 @@ def attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, window: i
             (bottom-right alignment, as in decoding with a KV cache). Needs ``q_offset + Tq <= Tk``.
         scale: score scale, default ``1 / sqrt(D)``.
         block_size: query block size of the sliding-window path (default :func:`default_block_size`).
+        prefix_len: ``P <= Tk``: key positions ``< P`` form a bidirectional prefix: a query at position
+            ``i < P`` sees every key ``j < P`` besides its causal/window keys (module docstring). 0 = off.
 
     Returns:
         ``o: [B, Tq, H, Dv]``, ``o = softmax(q k^T * scale + mask) v``.
@@ -137,10 +164,16 @@ def attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, window: i
         * window: query blocks of size ``Bq`` each attend only to the ``Bq + W - 1`` keys they can
           reach, with a small band mask ``[Bq, Bq + W - 1]``; no ``Tq x Tk`` mask is built. A window
           that covers every reachable key falls back to the full path.
+        * prefix: only when some query lies in the prefix (``q_offset < P``) is a mask with the prefix
+          block built (full path: ``[Tq, max(last + 1, P)]``; window path: blocks holding prefix queries
+          also take keys ``0 .. P-1``); otherwise the paths above run unchanged.
     """
     B, Tq, Tk, H = _check_attn_inputs(q, k, v)
     _check_window(window)
     off = _resolve_offset(q_offset, Tq, Tk)
+    P = _check_prefix(prefix_len, Tk)
+    if off >= P:  # no query lies in the prefix: it changes nothing
+        P = 0
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     if block_size is not None and (isinstance(block_size, bool) or not isinstance(block_size, int)
@@ -151,9 +184,13 @@ def attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, window: i
     last = off + Tq - 1  # key position of the last query
     if window is None or window > last:
         # Every visible key is within the window: plain causal attention over keys 0..last.
-        kt, vt = kt[:, :, : last + 1], vt[:, :, : last + 1]
-        nk = last + 1
-        if off == 0:  # then Tq == nk
+        nk = max(last + 1, P)
+        kt, vt = kt[:, :, :nk], vt[:, :, :nk]
+        if P > 0:
+            i = torch.arange(Tq, device=q.device)[:, None] + off
+            j = torch.arange(nk, device=q.device)[None, :]
+            o = _sdpa(qt, kt, vt, _visible(i, j, None, P), False, scale)
+        elif off == 0:  # then Tq == nk
             o = _sdpa(qt, kt, vt, None, True, scale)
         elif Tq == 1:
             o = _sdpa(qt, kt, vt, None, False, scale)
@@ -169,10 +206,13 @@ def attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, window: i
         e = min(s + bq, Tq)
         p0, p1 = off + s, off + e - 1  # key positions of the block's first and last query
         k0 = max(0, p0 - window + 1)  # first key any query of the block can see
+        k1 = p1 + 1  # one past the last key any query of the block can see
+        if p0 < P:  # the block holds prefix queries: they also see keys 0 .. P-1
+            k0, k1 = 0, max(k1, P)
         qi = torch.arange(p0, p1 + 1, device=q.device)[:, None]
-        kj = torch.arange(k0, p1 + 1, device=q.device)[None, :]
-        band = (kj <= qi) & (kj > qi - window)  # [e-s, p1-k0+1]
-        outs.append(_sdpa(qt[:, :, s:e], kt[:, :, k0 : p1 + 1], vt[:, :, k0 : p1 + 1], band, False, scale))
+        kj = torch.arange(k0, k1, device=q.device)[None, :]
+        band = _visible(qi, kj, window, P)  # [e-s, k1-k0]
+        outs.append(_sdpa(qt[:, :, s:e], kt[:, :, k0:k1], vt[:, :, k0:k1], band, False, scale))
     return torch.cat(outs, dim=2).transpose(1, 2)
 
 
@@ -283,9 +323,15 @@ class Attention(TokenMixer):
                              f"expected {expect_len}")
         return ck, cv, pos
 
-    def forward(self, x: torch.Tensor, cache: Cache | None = None,
-                use_cache: bool = False) -> tuple[torch.Tensor, Cache | None]:
-        """``x: [B, T, D] -> (y: [B, T, D], cache | None)``; see the class docstring for the cache."""
+    def forward(self, x: torch.Tensor, cache: Cache | None = None, use_cache: bool = False,
+                prefix_len: int = 0) -> tuple[torch.Tensor, Cache | None]:
+        """``x: [B, T, D] -> (y: [B, T, D], cache | None)``; see the class docstring for the cache.
+
+        ``prefix_len = P``: the stream's first ``P`` positions attend to each other bidirectionally
+        (:func:`attention_op`). The call holding them must start the stream and hold the whole prefix
+        (``pos == 0`` and ``T >= P``); once ``pos >= P`` the argument changes nothing, so a cache
+        filled with a prefix decodes exactly like the parallel call.
+        """
         self.check_input(x, self.d_model)
         B, T, _ = x.shape
         H, Dh = self.num_heads, self.head_dim
@@ -294,6 +340,12 @@ class Attention(TokenMixer):
         else:
             ck = cv = None
             pos = 0
+        if isinstance(prefix_len, bool) or not isinstance(prefix_len, int) or prefix_len < 0:
+            raise ValueError(f"prefix_len must be an int >= 0, got {prefix_len!r}")
+        if pos < prefix_len and (pos != 0 or prefix_len > T):
+            raise ValueError(f"a bidirectional prefix of {prefix_len} positions must be given whole in the call "
+                             f"that starts the stream; got a call at pos={pos} with {T} tokens")
+        prefix = prefix_len if prefix_len > pos else 0
         q = self.q_norm(self.q_proj(x).view(B, T, H, Dh))
         k = self.k_norm(self.k_proj(x).view(B, T, H, Dh))
         v = self.v_proj(x).view(B, T, H, Dh)
@@ -302,7 +354,7 @@ class Attention(TokenMixer):
         if ck is not None and ck.shape[1] > 0:
             k = torch.cat((ck, k), dim=1)
             v = torch.cat((cv, v), dim=1)
-        o = attention_op(q, k, v, window=self.window, q_offset=k.shape[1] - T)
+        o = attention_op(q, k, v, window=self.window, q_offset=k.shape[1] - T, prefix_len=prefix)
         y = self.o_proj(o.reshape(B, T, H * Dh))
         if not use_cache:
             return y, None

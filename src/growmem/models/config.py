@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from growmem.caching.config import MCConfig
+
+if TYPE_CHECKING:
+    from growmem.models.rmt import RMTConfig
 
 
 @dataclass
@@ -17,6 +20,9 @@ class ModelConfig:
     Memory Caching mixers (``<memory>+<res|grm|soup|ssc|avg>``, ``loglinear++``) read ``mc``.
     ``plain_linear`` strips linear mixers to the MC paper's plain linear memory (no short conv, no
     output gate or norm; bias-free ``q/k/v/u/o_proj`` only).
+    ``rmt`` (default None): wrap the LM in a Recurrent Memory Transformer with these options
+    (:class:`growmem.models.rmt.RMTConfig`, or a dict of its fields); build with
+    :func:`growmem.models.build_model`. ``to_dict`` leaves the key out when it is None.
     """
 
     vocab_size: int = 256
@@ -37,6 +43,7 @@ class ModelConfig:
     init_std: float = 0.02
     plain_linear: bool = False
     mc: MCConfig = field(default_factory=MCConfig)
+    rmt: RMTConfig | None = None
 
     def __post_init__(self) -> None:
         from growmem.models.registry import get_mixer_spec
@@ -60,6 +67,14 @@ class ModelConfig:
             self.mc = MCConfig(**self.mc)
         if not isinstance(self.mc, MCConfig):
             raise ValueError(f"ModelConfig.mc must be an MCConfig, got {type(self.mc).__name__}")
+        if self.rmt is not None:
+            from growmem.models.rmt import RMTConfig
+
+            if isinstance(self.rmt, dict):
+                self.rmt = RMTConfig.from_dict(self.rmt)
+            if not isinstance(self.rmt, RMTConfig):
+                raise ValueError(f"ModelConfig.rmt must be null, an RMTConfig or a mapping of its fields, got "
+                                 f"{type(self.rmt).__name__}")
         names = [self.mixer] if isinstance(self.mixer, str) else list(self.mixer)
         if not names:
             raise ValueError("mixer must be a name or a non-empty list of names")
@@ -82,7 +97,10 @@ class ModelConfig:
         return -(-(8 * self.d_model // 3) // 8) * 8
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        if self.rmt is None:
+            del d["rmt"]  # configs (and checkpoints) without RMT keep their old form
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:

@@ -21,10 +21,16 @@ drawn with replacement from ``n_values`` value tokens; token 0 is the query mark
     target  -100 ...                   -100  v_j      (only the last position is scored)
 
 Metric: ``accuracy``. Metadata: ``"query_index"`` LongTensor [B] (j - 1, which pair is asked).
+
+Curriculum (``train.curriculum: [[step, value], ...]``; the trainer calls ``task.set_curriculum(value)``):
+the value is the copy/reverse ``length`` or the associative-retrieval ``num_pairs``, so the sequence (and
+the number of segments a Recurrent Memory Transformer reads) grows during training. Evaluation uses the
+current value; end the curriculum at the configured size so the final metrics are measured there.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -78,6 +84,10 @@ class CopyTask(Task):
     @property
     def seq_len(self) -> int:
         return 2 * self.config.length + 1
+
+    def set_curriculum(self, value: int) -> None:
+        """Curriculum knob: set the string ``length`` (validated as the config's)."""
+        self.config = dataclasses.replace(self.config, length=value)
 
     def batch(self, batch_size: int, seed_or_generator: SeedLike) -> dict[str, torch.Tensor]:
         self._check_batch_size(batch_size)
@@ -145,6 +155,10 @@ class AssociativeRecallTask(Task):
     @property
     def seq_len(self) -> int:
         return 2 * self.config.num_pairs + 2
+
+    def set_curriculum(self, value: int) -> None:
+        """Curriculum knob: set ``num_pairs`` (validated as the config's)."""
+        self.config = dataclasses.replace(self.config, num_pairs=value)
 
     def batch(self, batch_size: int, seed_or_generator: SeedLike) -> dict[str, torch.Tensor]:
         self._check_batch_size(batch_size)

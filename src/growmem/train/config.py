@@ -101,6 +101,7 @@ class ExperimentConfig:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
+        d["model"] = self.model.to_dict()  # leaves out model.rmt when unset (old configs compare equal)
         d["train"]["betas"] = list(self.train.betas)
         return d
 

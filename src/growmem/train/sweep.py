@@ -11,6 +11,15 @@ Sweep file::
       task.options.num_kv_pairs: [8, 16]
     out_dir: runs/{name}
     parallel: 2
+
+Named variants compare models that differ in more than one key: the grid key ``variant`` picks one of
+``variants`` (a name -> a mapping of override keys to values), applied before the other grid keys::
+
+    variants:
+      rmt: {model.mixer: attn, model.rmt: {num_mem_tokens: 4, segment_len: 32}}
+      swa: {model.mixer: swa, model.window: 32}
+    grid:
+      variant: [rmt, swa]
 """
 
 from __future__ import annotations
@@ -37,12 +46,32 @@ class SweepConfig:
     grid: dict[str, list[Any]] = field(default_factory=dict)
     out_dir: str = "runs/{name}"
     parallel: int = 1
+    variants: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.grid or not all(isinstance(v, list) and v for v in self.grid.values()):
             raise ValueError("sweep.grid must map override keys to non-empty lists")
         if self.parallel < 1:
             raise ValueError(f"sweep.parallel must be >= 1, got {self.parallel}")
+        if not isinstance(self.variants, dict) or not all(isinstance(v, dict) for v in self.variants.values()):
+            raise ValueError("sweep.variants must map names to mappings of override keys to values")
+        unknown = [v for v in self.grid.get(VARIANT, []) if v not in self.variants]
+        if unknown:
+            raise ValueError(f"sweep.grid.variant names {unknown} not in sweep.variants {sorted(self.variants)}")
+
+
+VARIANT = "variant"
+
+
+def _overrides(sweep: SweepConfig, keys: list[str], values: tuple[Any, ...]) -> list[str]:
+    """``key=json`` overrides of one grid point; a ``variant`` expands to its overrides, applied first."""
+    out: list[str] = []
+    for k, v in zip(keys, values, strict=True):
+        if k == VARIANT:
+            out = [f"{vk}={json.dumps(vv)}" for vk, vv in sweep.variants[v].items()] + out
+        else:
+            out.append(f"{k}={json.dumps(v)}")
+    return out
 
 
 def load_sweep(path: str | Path, overrides: list[str] | None = None) -> SweepConfig:
@@ -84,7 +113,7 @@ def expand(sweep: SweepConfig) -> list[tuple[str, ExperimentConfig]]:
     root = sweep.out_dir.format(name=sweep.name)
     for values in itertools.product(*(sweep.grid[k] for k in keys)):
         tag = ",".join(f"{k.split('.')[-1]}={v}" for k, v in zip(keys, values, strict=True))
-        d = apply_overrides(sweep.base, [f"{k}={json.dumps(v)}" for k, v in zip(keys, values, strict=True)])
+        d = apply_overrides(sweep.base, _overrides(sweep, keys, values))
         d["name"] = tag
         d["out_dir"] = str(Path(root) / "{name}")
         runs.append((tag, ExperimentConfig.from_dict(d)))
@@ -141,13 +170,17 @@ def collect(sweep: SweepConfig) -> list[dict[str, Any]]:
     """One row per finished run: the grid values, final metrics, parameter count."""
     rows = []
     root = Path(sweep.out_dir.format(name=sweep.name))
-    for name, cfg in expand(sweep):
+    points = itertools.product(*sweep.grid.values())  # the order of expand()
+    for (name, cfg), values in zip(expand(sweep), points, strict=True):
         fin = cfg.run_dir / "final.json"
         if not fin.exists():
             continue
         final = json.loads(fin.read_text())
         row: dict[str, Any] = {"run": name}
-        for k in sweep.grid:
+        for k, value in zip(sweep.grid, values, strict=True):
+            if k == VARIANT:
+                row[k] = value
+                continue
             node: Any = cfg.to_dict()
             for part in k.split("."):
                 node = node[part]

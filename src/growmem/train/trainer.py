@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from growmem.models import CausalLM
+from growmem.models import build_model
 from growmem.train.checkpoint import latest_checkpoint, load_checkpoint, read_state, save_checkpoint
 from growmem.train.config import ExperimentConfig
 
@@ -126,7 +126,7 @@ class Trainer:
             except OSError as err:
                 raise ValueError(f"cannot write to the output folder {str(self.run_dir)!r}: {err}") from None
         torch.manual_seed(tc.seed)
-        self.model = CausalLM(config.model).to(self.device)
+        self.model = build_model(config.model).to(self.device)
         self.optimizer = torch.optim.AdamW(param_groups(self.model, tc.weight_decay), lr=tc.lr, betas=tc.betas)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_lambda(s, tc.warmup_steps, tc.steps, tc.min_lr_ratio))
