@@ -6,6 +6,7 @@ Setting (chosen so that the base memory's fixed state is the bottleneck): MQAR (
 random filler) with 8 key-value pairs in 64 tokens, vocabulary 256; 2-layer models of width 64 with
 4 heads (a 16 x 16 state per head for the recurrent memory); MC caches a state every 16 tokens and
 mixes them with GRM. AdamW, lr 1e-2, batch 64, at most 1500 steps, stopping early at 99% accuracy.
+The three models train at once, one process (one thread) each.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ DEMO_BASE: dict[str, Any] = {
 }
 
 
-def run_demo(out_dir: str = "runs/demo", steps: int | None = None, parallel: int = 2,
+def run_demo(out_dir: str = "runs/demo", steps: int | None = None, parallel: int = 3,
              models: tuple[str, ...] = DEMO_MODELS) -> list[dict[str, Any]]:
     """Train the demo models (``parallel`` processes of one thread each), print the table, plot."""
     from growmem.train.plot import plot_curves
