@@ -89,6 +89,57 @@ def _stack1(states: list[Any]) -> Any:
     return tree_map(lambda *xs: torch.stack(xs, dim=1), *states) if states else None
 
 
+class _GatedRead(torch.autograd.Function):
+    """Gated reads of cached matrix states for all segments at once, without keeping activations.
+
+    For piece j with queries q_j ``[B, L, H, K]`` (already scaled) and weights g_j ``[B, L, H, n_j]``
+    over the first n_j cached states, ``r_j[b, t, h] = sum_i g_j[b, t, h, i] S_i[b, h]^T q_j[b, t, h]``,
+    computed in weighted-query form ``[g_1 q .. g_n q] @ [S_1; ..; S_n]`` against ``flat [B, H, N*K, V]``.
+    Backward recomputes the weighted queries per piece and accumulates the gradient of ``flat`` in
+    place, so memory is O(T n) for the weights instead of O(T n K), and no slice of ``flat`` ever
+    materializes a full-size zero gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, flat, K, *qg):
+        P = len(qg) // 2
+        qs, gs = qg[:P], qg[P:]
+        ctx.save_for_backward(flat, *qs, *gs)
+        ctx.K = K
+        outs = []
+        for q, g in zip(qs, gs, strict=True):
+            B, L, H, n = g.shape
+            wq = (g[..., None] * q[:, :, :, None, :]).reshape(B, L, H, n * K).transpose(1, 2)
+            outs.append((wq @ flat[:, :, : n * K]).transpose(1, 2))
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        flat, *rest = ctx.saved_tensors
+        P = len(rest) // 2
+        qs, gs = rest[:P], rest[P:]
+        K = ctx.K
+        dflat = torch.zeros_like(flat) if ctx.needs_input_grad[0] else None
+        dqs, dgs = [], []
+        for q, g, dr in zip(qs, gs, grads, strict=True):
+            B, L, H, n = g.shape
+            if dr is None:
+                dqs.append(torch.zeros_like(q))
+                dgs.append(torch.zeros_like(g))
+                continue
+            drT = dr.transpose(1, 2)  # [B, H, L, V]
+            part = flat[:, :, : n * K]  # [B, H, nK, V]
+            dwq = (drT @ part.transpose(-1, -2)).view(B, H, L, n, K)
+            qT = q.transpose(1, 2)  # [B, H, L, K]
+            gT = g.transpose(1, 2)  # [B, H, L, n]
+            dgs.append((dwq * qT[:, :, :, None, :]).sum(-1).transpose(1, 2))
+            dqs.append((dwq * gT[..., None]).sum(-2).transpose(1, 2))
+            if dflat is not None:
+                wq = (gT[..., None] * qT[:, :, :, None, :]).reshape(B, H, L, n * K)
+                dflat[:, :, : n * K] += wq.transpose(-1, -2) @ drT
+        return (dflat, None, *dqs, *dgs)
+
+
 class CachedMemory(Memory):
     """Memory Caching around any base memory (see the module docstring for the equations).
 
@@ -313,13 +364,13 @@ class CachedMemory(Memory):
         running = None  # prefix sum of cached states (linear readout, res/avg)
         n_done = 0
         flat = None
+        lin_pieces: list = []
         if lin and agg in ("grm", "soup"):
             # [B, H, N*K, V]: every cached state of a head side by side, so a segment's weighted reads
             # are one matmul (weighted-query form: sum_i g_i S_i^T q = [g_1 q, ..., g_n q] [S_1; ...; S_n]).
             flat = cached.permute(0, 2, 1, 3, 4).reshape(B, H, -1, cached.shape[-1])
         for j, (qj, oj, uj, pj) in enumerate(zip(qs, os_, us, ps, strict=True)):
             n = n0 + j
-            L = qj.shape[1]
             if n == 0:
                 outs.append(oj)
                 continue
@@ -341,11 +392,16 @@ class CachedMemory(Memory):
                 outs.append(self.base.soup_read(qj, oj, g_on, _slice1(cached, 0, n), g_c, online=contexts[j]))
                 continue
             if flat is not None:
-                wq = (g_c[..., None] * (qj * self.base.scale)[:, :, :, None, :]).reshape(B, L, H, n * K)
-                r = (wq.transpose(1, 2) @ flat[:, :, : n * K]).transpose(1, 2)
+                lin_pieces.append((len(outs), g_on, oj, qj * self.base.scale, g_c))
+                outs.append(None)  # filled below by one batched gated read over all pieces
+                continue
             else:
                 r = (self.base.read(_slice1(cached, 0, n), qj) * g_c.permute(0, 1, 3, 2)[..., None]).sum(2)
             outs.append(g_on * oj + r)
+        if lin_pieces:
+            reads = _GatedRead.apply(flat, K, *[p[3] for p in lin_pieces], *[p[4] for p in lin_pieces])
+            for (slot, g_on, oj, _, _), r in zip(lin_pieces, reads, strict=True):
+                outs[slot] = g_on * oj + r
         return torch.cat(outs, 1) if len(outs) > 1 else outs[0]
 
     def _ssc(self, q, u, o_on, pool_on, cached, pools, n0, pieces):
