@@ -165,3 +165,13 @@ def test_ddp_two_cpu_processes(tmp_path):
     final = json.loads((cfg.run_dir / "final.json").read_text())
     assert final["step"] == 3
     assert latest_checkpoint(cfg.run_dir).name == "ckpt-000003"
+
+
+def test_demo_runs_end_to_end(tmp_path, capsys):
+    from growmem.demo import run_demo
+
+    rows = run_demo(out_dir=str(tmp_path / "demo"), steps=2, parallel=1, models=("la", "la+grm"))
+    assert [r["model.mixer"] for r in rows] == ["la", "la+grm"]
+    assert all(0.0 <= r["accuracy"] <= 1.0 and r["steps"] == 2 for r in rows)
+    assert (tmp_path / "demo" / "mqar" / "accuracy.png").stat().st_size > 1000
+    assert "| la+grm |" in capsys.readouterr().out
