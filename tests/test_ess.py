@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -421,3 +422,31 @@ def test_ess_command_fresh_and_checkpoint(tmp_path):
                  "--out", str(tmp_path / "ck")]) == 0
     res = json.loads((tmp_path / "ck" / "ess.json").read_text())
     assert res["input"]["kind"] == "text" and len(res["positions"]) == 5 and res["layers"][0]["tss"] == [8.0] * 5
+
+
+def test_ess_vs_accuracy_script_on_trained_runs(tmp_path):
+    import importlib.util
+    import sys as _sys
+
+    from growmem.train.config import ExperimentConfig
+    from growmem.train.trainer import Trainer
+
+    spec = importlib.util.spec_from_file_location("ess_vs_accuracy", Path(__file__).parent.parent / "bench" /
+                                                  "ess_vs_accuracy.py")
+    mod = importlib.util.module_from_spec(spec)
+    _sys.modules["ess_vs_accuracy"] = mod
+    spec.loader.exec_module(mod)
+    rows = []
+    for mixer in ("gdn", "gdn+grm"):
+        cfg = ExperimentConfig.from_dict({
+            "name": mixer, "out_dir": str(tmp_path / "{name}"),
+            "model": {"vocab_size": 64, "d_model": 16, "n_layers": 1, "num_heads": 2, "mixer": mixer,
+                      "chunk_size": 8, "mc": {"segment_size": 8}},
+            "task": {"name": "mqar", "options": {"vocab_size": 64, "seq_len": 32, "num_kv_pairs": 4}},
+            "train": {"steps": 2, "batch_size": 4, "eval_every": 2, "eval_samples": 8, "progress": False}})
+        Trainer(cfg, quiet=True).fit()
+        rows.append(mod.run_ess(cfg.run_dir, samples=1, stride=4, tol=1e-3))
+    for r in rows:
+        assert 0 <= r["accuracy"] <= 1 and r["kinds"] == "memory"
+        assert 0 < r["ess_tol"] <= 8 * 4  # per channel: <= (1 + cached segments) * K with K = 8, <= 3 cached
+    assert rows[1]["ess_tol"] > rows[0]["ess_tol"]  # caching grows the effective state on generic inputs
