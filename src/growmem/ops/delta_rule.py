@@ -79,6 +79,7 @@ from growmem.ops.utils import (
     check_float,
     check_gate,
     check_qkv,
+    check_qkv_step,
     check_state,
     default_scale,
 )
@@ -108,23 +109,7 @@ def _check_seq(q, k, v, g, beta, initial_state, scale):
 
 
 def _check_step(q, k, v, g, beta, state, scale):
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        check_float(name, x)
-        if x.dim() != 3:
-            raise ValueError(f"{name} must have shape [B, H, D] (one token), got {tuple(x.shape)}")
-    if q.shape != k.shape:
-        raise ValueError(f"q and k must have the same shape, got {tuple(q.shape)} and {tuple(k.shape)}")
-    if v.shape[:2] != q.shape[:2]:
-        raise ValueError(f"v must have shape [B, H, V] matching q's [B, H], got {tuple(v.shape)} "
-                         f"for q {tuple(q.shape)}")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if not (q.device == k.device == v.device):
-        raise ValueError("q, k, v must be on the same device")
-    B, H, K = q.shape
-    V = v.shape[-1]
-    if B == 0 or H == 0 or K == 0 or V == 0:
-        raise ValueError(f"empty input: q {tuple(q.shape)}, v {tuple(v.shape)}")
+    B, H, K, V = check_qkv_step(q, k, v, "step_delta_rule")
     gates = (("beta", beta),) if g is None else (("g", g), ("beta", beta))
     for name, x in gates:
         check_float(name, x)
@@ -132,15 +117,8 @@ def _check_step(q, k, v, g, beta, state, scale):
             raise ValueError(f"{name} must have shape [B, H] = {(B, H)}, got {tuple(x.shape)}")
         if x.device != q.device:
             raise ValueError(f"{name} must be on the same device as q")
-    for name, x in (("q", q), ("k", k), ("v", v), *gates):
         check_finite(name, x)
-    if state is not None:
-        check_float("state", state)
-        if state.shape != (B, H, K, V):
-            raise ValueError(f"state must have shape [B, H, K, V] = {(B, H, K, V)}, got {tuple(state.shape)}")
-        if state.device != q.device:
-            raise ValueError("state must be on the same device as q")
-        check_finite("state", state)
+    check_state(state, B, H, K, V, ref=q)
     return B, H, K, V, default_scale(scale, K)
 
 

@@ -51,6 +51,7 @@ from growmem.ops.utils import (
     check_float,
     check_gate,
     check_qkv,
+    check_qkv_step,
     check_state,
     default_scale,
     pad_time,
@@ -137,11 +138,7 @@ def step_gla(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, state: Tensor | 
         ``(o, new_state)``: ``o = new_state^T (scale q)`` of shape ``[B, H, V]`` and
         ``new_state = diag(exp(g)) state + k v^T`` of shape ``[B, H, K, V]``.
     """
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        check_float(name, x)
-        if x.dim() != 3:
-            raise ValueError(f"step_gla: {name} must have shape [B, H, D], got {tuple(x.shape)}")
-    B, _, H, K, V = check_qkv(q[:, None], k[:, None], v[:, None])
+    B, H, K, V = check_qkv_step(q, k, v, "step_gla")
     if g is not None:
         check_float("g", g)
         if g.shape == (B, H):

@@ -64,6 +64,19 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[int, i
     return B, T, H, K, V
 
 
+def check_qkv_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, who: str) -> tuple[int, int, int, int]:
+    """Validate one decoding token ``q, k: [B, H, K]``, ``v: [B, H, V]`` (same rules as :func:`check_qkv`).
+
+    Returns ``(B, H, K, V)``; ``who`` names the caller in the error messages.
+    """
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        check_float(name, x)
+        if x.dim() != 3:
+            raise ValueError(f"{who}: {name} must have shape [B, H, D] (one token), got {tuple(x.shape)}")
+    B, _, H, K, V = check_qkv(q[:, None], k[:, None], v[:, None])
+    return B, H, K, V
+
+
 def check_gate(name: str, g: torch.Tensor, B: int, T: int, H: int, K: int | None = None,
                ref: torch.Tensor | None = None, allow_per_key: bool = False) -> bool:
     """Validate a per-token gate ``[B, T, H]`` (or ``[B, T, H, K]`` if ``allow_per_key``).
