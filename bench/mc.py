@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import torch
 import torch.nn.functional as F
 
+from common import best_time
 from growmem.caching import CachedMemory, MCConfig
 from growmem.memories import GatedDeltaNetMemory, LinearAttentionMemory
 from growmem.memories.deep import DLAMemory, TitansMemory
@@ -43,15 +43,6 @@ def saved_bytes(fn) -> int:
     del out
     return sum(seen.values())
 
-
-def best_time(fn, reps: int) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 def make_inputs(L: int, H: int, D: int, mem):

@@ -14,11 +14,11 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
+from common import best_time
 from growmem.ops.delta_rule import chunk_gated_delta_rule, naive_gated_delta_rule
 from growmem.ops.gla import chunk_gla, naive_gla
 from growmem.ops.linear_attn import chunk_linear_attn, naive_linear_attn
@@ -34,15 +34,6 @@ def matmul_peak(n: int = 2048, reps: int = 5) -> float:
         best = min(best, time.perf_counter() - t0)
     return 2 * n**3 / best / 1e9
 
-
-def timeit(fn: Callable[[], object], reps: int) -> float:
-    fn()  # warm-up
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 def flops_la(T: int, K: int, V: int, C: int) -> float:
@@ -93,12 +84,12 @@ def run(Ts: list[int], B: int, H: int, D: int, C: int, reps: int, naive_max_bwd:
                 out.sum().backward()
 
             row = {"op": name, "T": T, "B": B, "H": H, "D": D, "chunk": C,
-                   "fwd_s": timeit(fwd, reps), "fwd_bwd_s": timeit(fwd_bwd, reps)}
+                   "fwd_s": best_time(fwd, reps), "fwd_bwd_s": best_time(fwd_bwd, reps)}
             n_flop = flops(T, D, D, C) * B * H
             row["fwd_gflops"] = n_flop / row["fwd_s"] / 1e9
             if naive is not None:
-                row["naive_fwd_s"] = timeit(lambda fn=naive, ins=ins: fwd(fn, ins), 1) if T <= 16384 else None
-                row["naive_fwd_bwd_s"] = (timeit(lambda fn=naive, ins=ins: fwd_bwd(fn, ins), 1)
+                row["naive_fwd_s"] = best_time(lambda fn=naive, ins=ins: fwd(fn, ins), 1) if T <= 16384 else None
+                row["naive_fwd_bwd_s"] = (best_time(lambda fn=naive, ins=ins: fwd_bwd(fn, ins), 1)
                                           if naive_max_bwd >= T else None)
             rows.append(row)
             print(json.dumps(row), flush=True)

@@ -13,22 +13,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
-from collections.abc import Callable
 
 import torch
 
+from common import best_time
 from growmem.ops.scan import SCAN_METHODS, naive_scan, parallel_scan
-
-
-def timeit(fn: Callable[[], object], reps: int) -> float:
-    fn()  # warm-up
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 def inputs(B: int, T: int, N: int, dtype: torch.dtype, grad: bool):
@@ -50,7 +39,7 @@ def bench(B: int, T: int, N: int, dtype: torch.dtype, reps: int, max_loop_backwa
     for name, f in fns.items():
         a, b = inputs(B, T, N, dtype, False)
         with torch.no_grad():
-            row[f"{name}_fwd_ms"] = 1e3 * timeit(lambda f=f, a=a, b=b: f(a, b), reps)
+            row[f"{name}_fwd_ms"] = 1e3 * best_time(lambda f=f, a=a, b=b: f(a, b), reps)
         if name == "loop" and max_loop_backward < T:
             row[f"{name}_fwdbwd_ms"] = None
             continue
@@ -60,7 +49,7 @@ def bench(B: int, T: int, N: int, dtype: torch.dtype, reps: int, max_loop_backwa
             h = f(a, b)
             (h.real if h.is_complex() else h).sum().backward()
 
-        row[f"{name}_fwdbwd_ms"] = 1e3 * timeit(fb, reps)
+        row[f"{name}_fwdbwd_ms"] = 1e3 * best_time(fb, reps)
     for m in SCAN_METHODS:
         row[f"{m}_speedup_fwd"] = row["loop_fwd_ms"] / row[f"{m}_fwd_ms"]
         if row["loop_fwdbwd_ms"] is not None:

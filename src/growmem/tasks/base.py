@@ -232,6 +232,18 @@ class Task(abc.ABC):
         for b in batch_sizes(n_samples, batch_size):
             yield self.batch(b, rng)
 
+    def scored_accuracy(self, model: Any, n_samples: int, batch_size: int, seed: int) -> dict[str, float]:
+        """``accuracy`` of the argmax at every scored position (one per sample for single-answer tasks)
+        over :meth:`eval_batches`, and ``n_samples``."""
+        ok_n = n = 0
+        dev = model_device(model)
+        with eval_mode(model):
+            for b in self.eval_batches(n_samples, batch_size, seed):
+                ok, _ = scored_predictions(model_logits(model, b["input_ids"].to(dev)), b["targets"])
+                ok_n += int(ok.sum())
+                n += ok.shape[0]
+        return {"accuracy": ok_n / n, "n_samples": float(n)}
+
     def _check_batch_size(self, batch_size: int) -> None:
         check_int(type(self).__name__, "batch(batch_size)", batch_size, 1)
 

@@ -33,10 +33,6 @@ from growmem.tasks.base import (
     Task,
     as_rng,
     check_int,
-    eval_mode,
-    model_device,
-    model_logits,
-    scored_predictions,
     to_batch,
 )
 
@@ -113,11 +109,4 @@ class LongDelayTask(Task):
 
     def evaluate(self, model: Any, n_samples: int = 256, batch_size: int = 32, seed: int = 0) -> dict[str, float]:
         """``accuracy`` (argmax at the cue == the symbol), ``n_samples``."""
-        ok_n = n = 0
-        dev = model_device(model)
-        with eval_mode(model):
-            for b in self.eval_batches(n_samples, batch_size, seed):
-                ok, _ = scored_predictions(model_logits(model, b["input_ids"].to(dev)), b["targets"])
-                ok_n += int(ok.sum())
-                n += ok.shape[0]
-        return {"accuracy": ok_n / n, "n_samples": float(n)}
+        return self.scored_accuracy(model, n_samples, batch_size, seed)

@@ -180,11 +180,4 @@ class AssociativeRecallTask(Task):
 
     def evaluate(self, model: Any, n_samples: int = 1000, batch_size: int = 100, seed: int = 0) -> dict[str, float]:
         """``accuracy`` of the argmax at the last position, ``n_samples``."""
-        ok_n = n = 0
-        dev = model_device(model)
-        with eval_mode(model):
-            for b in self.eval_batches(n_samples, batch_size, seed):
-                ok, _ = scored_predictions(model_logits(model, b["input_ids"].to(dev)), b["targets"])
-                ok_n += int(ok.sum())
-                n += ok.shape[0]
-        return {"accuracy": ok_n / n, "n_samples": float(n)}
+        return self.scored_accuracy(model, n_samples, batch_size, seed)
