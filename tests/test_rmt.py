@@ -400,15 +400,29 @@ def test_curriculum_knobs_of_the_synthetic_tasks():
         task.set_curriculum(7)
 
 
-def test_sweep_variants_and_the_shipped_rmt_sweep(tmp_path):
-    runs = dict(expand(load_sweep("configs/rmt_copy.yaml")))
-    assert set(runs) == {"variant=rmt", "variant=attn", "variant=swa", "variant=gdn+grm"}
-    assert runs["variant=rmt"].model.rmt == RMTConfig(num_mem_tokens=4, segment_len=32)
-    assert runs["variant=rmt"].model.mixer == "attn"
-    assert runs["variant=swa"].model.window == 32 and runs["variant=swa"].model.rmt is None
-    length = runs["variant=rmt"].task.options["length"]
-    assert 2 * length + 1 > 2 * 32 and length + 1 > 32  # several segments; answers beyond the SWA window
-    assert runs["variant=rmt"].train.curriculum[-1][1] == length
+def test_early_stop_waits_for_the_last_curriculum_stage(tmp_path):
+    # target 0 is met at every evaluation; the first one (step 3) is before the last stage (step 4)
+    out = Trainer(_exp(tmp_path, steps=9, early_stop_metric="token_accuracy", early_stop_target=0.0),
+                  quiet=True).fit()
+    assert out["stopped_early"] and out["step"] == 6
+
+
+def test_sweep_variant_axes_and_the_shipped_rmt_sweep(tmp_path):
+    from growmem.tasks import make_task
+
+    runs = dict(expand(load_sweep("configs/rmt_tasks.yaml")))
+    tasks, models = ["copy", "reverse", "assoc_recall", "mqar"], ["rmt", "segment", "attn", "gdn+grm"]
+    assert set(runs) == {f"task={t},model={m}" for t in tasks for m in models}
+    for t in tasks:
+        rmt, seg, full, mc = (runs[f"task={t},model={m}"] for m in models)
+        assert {r.task.name for r in (rmt, seg, full, mc)} == {t}
+        assert rmt.model.mixer == seg.model.mixer == full.model.mixer == "attn" and mc.model.mixer == "gdn+grm"
+        assert rmt.model.rmt.num_mem_tokens > 0 and seg.model.rmt.num_mem_tokens == 0
+        assert seg.model.rmt.segment_len == rmt.model.rmt.segment_len and full.model.rmt is None
+        assert make_task(t, **rmt.task.options).seq_len > rmt.model.rmt.segment_len  # several segments
+        if rmt.train.curriculum:  # ends at the configured size, where the final metrics are measured
+            size = rmt.task.options.get("length", rmt.task.options.get("num_pairs"))
+            assert rmt.train.curriculum[-1][1] == size
     base = _exp(tmp_path, steps=1, curriculum=None).to_dict()
     base.pop("name")
     base.pop("out_dir")
@@ -419,3 +433,5 @@ def test_sweep_variants_and_the_shipped_rmt_sweep(tmp_path):
     assert [r["variant"] for r in rows] == ["plain", "rmt1"]
     with pytest.raises(ValueError, match="not in sweep.variants"):
         SweepConfig(grid={"variant": ["nope"]})
+    with pytest.raises(ValueError, match="variant.task names"):
+        SweepConfig(variants={"a": {}}, grid={"variant.model": ["a"], "variant.task": ["a", "nope"]})

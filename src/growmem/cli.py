@@ -101,14 +101,26 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
 def _cmd_plot(args: argparse.Namespace) -> int:
     from growmem.train.plot import plot_loss_curves, plot_metric
+    from growmem.train.tables import parse_filters
 
     if args.results:
-        out = plot_metric(args.results, args.x, args.y, args.series, args.out, logx=args.logx)
+        out = plot_metric(args.results, args.x, args.y, args.series, args.out, logx=args.logx,
+                          title=args.title, filters=parse_filters(args.filter))
     elif args.runs:
         out = plot_loss_curves(args.runs, args.out)
     else:
         raise ValueError("give --results CSV (metric vs a sweep axis) or --runs DIR [DIR ...] (loss curves)")
     print(f"wrote {out}")
+    return 0
+
+
+def _cmd_table(args: argparse.Namespace) -> int:
+    from growmem.train.tables import parse_filters, pivot_markdown, read_results, select
+
+    rows = select(read_results(args.results), parse_filters(args.filter))
+    if not rows:
+        raise ValueError(f"no rows of {args.results} match the filters {args.filter}")
+    print(pivot_markdown(rows, args.rows, args.cols, args.value, digits=args.digits, extra=args.extra), end="")
     return 0
 
 
@@ -170,13 +182,23 @@ def main(argv: list[str] | None = None) -> int:
     sw.add_argument("--set", action="append", metavar="KEY=VALUE")
     sw.add_argument("--parallel", type=int, default=None, help="processes (1 thread each)")
     pl = sub.add_parser("plot", help="plot a metric against a sweep axis, or loss curves")
-    pl.add_argument("--results", default=None, help="a sweep's results.csv")
+    pl.add_argument("--results", nargs="+", default=None, help="one or more sweeps' results.csv")
+    pl.add_argument("--filter", action="append", metavar="COLUMN=VALUE", help="keep only matching rows")
+    pl.add_argument("--title", default=None)
     pl.add_argument("--x", default="task.options.num_kv_pairs")
     pl.add_argument("--y", default="accuracy")
     pl.add_argument("--series", default="model.mixer")
     pl.add_argument("--logx", action="store_true")
     pl.add_argument("--runs", nargs="+", default=None, help="run folders for loss curves")
     pl.add_argument("--out", required=True)
+    tb = sub.add_parser("table", help="a markdown table (rows x columns) of a metric from sweeps' results.csv")
+    tb.add_argument("--results", nargs="+", required=True)
+    tb.add_argument("--rows", default="model.mixer")
+    tb.add_argument("--cols", default="task.options.num_kv_pairs")
+    tb.add_argument("--value", default="accuracy")
+    tb.add_argument("--filter", action="append", metavar="COLUMN=VALUE", help="keep only matching rows")
+    tb.add_argument("--extra", nargs="*", default=["params"], help="columns shown beside the row label")
+    tb.add_argument("--digits", type=int, default=3)
     sub.add_parser("ess", help="effective state size of a model on an input (see growmem ess --help)",
                    add_help=False)
     args, rest = parser.parse_known_args(argv)
@@ -196,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_list(args)
         if args.cmd == "ess":
             return _cmd_ess(args, rest)
-        return {"train": _cmd_train, "eval": _cmd_eval, "sweep": _cmd_sweep, "plot": _cmd_plot}[args.cmd](args)
+        return {"train": _cmd_train, "eval": _cmd_eval, "sweep": _cmd_sweep, "plot": _cmd_plot,
+                "table": _cmd_table}[args.cmd](args)
     except ValueError as err:
         print(f"growmem {args.cmd}: error: {err}", file=sys.stderr)
         return 2

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 from typing import Any
@@ -17,22 +16,24 @@ def _plt():
     return plt
 
 
-def plot_metric(results_csv: str | Path, x: str, y: str, series: str, out: str | Path,
-                title: str | None = None, logx: bool = False) -> Path:
+def plot_metric(results_csv: str | Path | list[str | Path], x: str, y: str, series: str, out: str | Path,
+                title: str | None = None, logx: bool = False, filters: dict[str, str] | None = None) -> Path:
     """One line per value of ``series`` (e.g. ``model.mixer``): ``y`` (e.g. ``accuracy``) against ``x``
-    (e.g. ``task.options.num_kv_pairs``), from a sweep's results.csv."""
-    with Path(results_csv).open() as fh:
-        rows = list(csv.DictReader(fh))
+    (e.g. ``task.options.num_kv_pairs``), from one or more sweeps' results.csv, keeping the rows that match
+    ``filters`` (column -> value); points repeated over other columns (e.g. seeds) are averaged."""
+    from growmem.train.tables import mean_by, read_results, select
+
+    rows = select(read_results(results_csv), filters or {})
     if not rows:
-        raise ValueError(f"{results_csv} has no rows")
+        raise ValueError(f"no rows of {results_csv} match {filters}")
     for col in (x, y, series):
-        if col not in rows[0]:
+        if not any(col in r for r in rows):
             raise ValueError(f"column {col!r} not in {results_csv} (columns: {list(rows[0])})")
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5.5, 3.8), dpi=110)
     groups: dict[str, list[tuple[float, float]]] = {}
-    for r in rows:
-        groups.setdefault(r[series], []).append((float(r[x]), float(r[y])))
+    for (name, xv), yv in mean_by(rows, (series, x), y).items():
+        groups.setdefault(name, []).append((float(xv), yv))
     for name, pts in groups.items():
         pts.sort()
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)

@@ -20,6 +20,12 @@ Named variants compare models that differ in more than one key: the grid key ``v
       swa: {model.mixer: swa, model.window: 32}
     grid:
       variant: [rmt, swa]
+
+Several variant axes (``variant.<axis>``, run names ``<axis>=<variant>``) cross, e.g. models with tasks::
+
+    grid:
+      variant.model: [rmt, attn]
+      variant.task: [copy, reverse]
 """
 
 from __future__ import annotations
@@ -55,19 +61,25 @@ class SweepConfig:
             raise ValueError(f"sweep.parallel must be >= 1, got {self.parallel}")
         if not isinstance(self.variants, dict) or not all(isinstance(v, dict) for v in self.variants.values()):
             raise ValueError("sweep.variants must map names to mappings of override keys to values")
-        unknown = [v for v in self.grid.get(VARIANT, []) if v not in self.variants]
-        if unknown:
-            raise ValueError(f"sweep.grid.variant names {unknown} not in sweep.variants {sorted(self.variants)}")
+        for key in filter(is_variant_key, self.grid):
+            unknown = [v for v in self.grid[key] if v not in self.variants]
+            if unknown:
+                raise ValueError(f"sweep.grid.{key} names {unknown} not in sweep.variants {sorted(self.variants)}")
 
 
 VARIANT = "variant"
+
+
+def is_variant_key(key: str) -> bool:
+    """``variant`` or ``variant.<axis>`` (several named axes, e.g. ``variant.model`` x ``variant.task``)."""
+    return key == VARIANT or key.startswith(VARIANT + ".")
 
 
 def _overrides(sweep: SweepConfig, keys: list[str], values: tuple[Any, ...]) -> list[str]:
     """``key=json`` overrides of one grid point; a ``variant`` expands to its overrides, applied first."""
     out: list[str] = []
     for k, v in zip(keys, values, strict=True):
-        if k == VARIANT:
+        if is_variant_key(k):
             out = [f"{vk}={json.dumps(vv)}" for vk, vv in sweep.variants[v].items()] + out
         else:
             out.append(f"{k}={json.dumps(v)}")
@@ -178,7 +190,7 @@ def collect(sweep: SweepConfig) -> list[dict[str, Any]]:
         final = json.loads(fin.read_text())
         row: dict[str, Any] = {"run": name}
         for k, value in zip(sweep.grid, values, strict=True):
-            if k == VARIANT:
+            if is_variant_key(k):
                 row[k] = value
                 continue
             node: Any = cfg.to_dict()

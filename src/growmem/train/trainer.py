@@ -189,6 +189,9 @@ class Trainer:
         if tc.early_stop_metric not in metrics:
             raise ValueError(f"early_stop_metric {tc.early_stop_metric!r} is not reported by the task "
                              f"(it reports {sorted(metrics)})")
+        cur = tc.curriculum
+        if cur and hasattr(self.task, "set_curriculum") and self.step < max(s for s, _ in cur):
+            return False  # a target met on an easier curriculum stage says nothing about the final task
         val, target = metrics[tc.early_stop_metric], tc.early_stop_target
         return val >= target if tc.early_stop_mode == "max" else val <= target
 
