@@ -438,9 +438,3 @@ def test_lm_eval_simple_evaluate_offline(tmp_path, monkeypatch):
     total = sum(direct_loglikelihood(model, "\n", t)[0] for t in texts)
     want_bpb = -total / sum(len(t.encode()) for t in texts) / math.log(2)
     assert res["gm_roll"]["bits_per_byte,none"] == pytest.approx(want_bpb, rel=1e-5)
-
-
-@pytest.mark.skipif("rmt" not in ModelConfig.__dataclass_fields__, reason="no RMT in this growmem")
-def test_rmt_configs_are_refused_clearly():
-    with pytest.raises(NotImplementedError, match="Recurrent Memory Transformer"):
-        gh.GrowMemForCausalLM(gh.GrowMemConfig(growmem=tiny("gdn", rmt={})))

@@ -1,7 +1,8 @@
-"""Hugging Face integration: ``GrowMemConfig``, ``GrowMemForCausalLM`` (``save_pretrained`` /
-``from_pretrained`` in safetensors, ``generate`` with growmem's caches), registration with the ``Auto*``
-classes, conversion between trainer run folders and HF folders (:mod:`growmem.hf.convert`) and an
-lm-evaluation-harness adapter (:mod:`growmem.hf.lm_eval_adapter`, ``--model growmem``).
+"""Hugging Face integration: ``GrowMemConfig``, ``GrowMemForCausalLM`` (any growmem model, Recurrent Memory
+Transformers included; ``save_pretrained`` / ``from_pretrained`` in safetensors, ``generate`` with growmem's
+caches), registration with the ``Auto*`` classes, conversion between trainer run folders and HF folders
+(:mod:`growmem.hf.convert`) and an lm-evaluation-harness adapter (:mod:`growmem.hf.lm_eval_adapter`,
+``--model growmem``).
 
 Needs the ``hf`` extra (``pip install growmem[hf]``: transformers). The core package never imports this
 module. Importing it registers the model type ``growmem`` with ``AutoConfig``, ``AutoModel`` and
@@ -16,10 +17,10 @@ except ImportError as err:  # pragma: no cover - depends on the environment
     raise ImportError("growmem.hf needs transformers: pip install 'growmem[hf]' (transformers>=4.40)") from err
 
 from growmem.hf.configuration import GrowMemConfig
-from growmem.hf.modeling import GrowMemCache, GrowMemForCausalLM, GrowMemPreTrainedModel
+from growmem.hf.modeling import GrowMemCache, GrowMemForCausalLM, GrowMemPreTrainedModel, GrowMemRMTCache
 
-__all__ = ["GrowMemConfig", "GrowMemForCausalLM", "GrowMemPreTrainedModel", "GrowMemCache", "register",
-           "run_to_hf", "hf_to_run"]
+__all__ = ["GrowMemConfig", "GrowMemForCausalLM", "GrowMemPreTrainedModel", "GrowMemCache", "GrowMemRMTCache",
+           "register", "run_to_hf", "hf_to_run"]
 
 
 def register() -> None:

@@ -8,6 +8,10 @@
   ``config.json``) that ``growmem eval --run`` and the trainer load. HF folders hold weights only, so the
   checkpoint has no optimizer or scheduler state: a trainer resuming from it starts them afresh.
 
+Any run converts, Recurrent Memory Transformer runs (``model.rmt`` set) included: a checkpoint holds the
+trainer's model's parameters under growmem's names (``embed.weight``, ...; for an RMT ``backbone.*`` and
+``memory``), which the HF folder keeps under the prefix ``model.``.
+
 Command line: ``python -m growmem.hf.convert run-to-hf RUN_DIR OUT_DIR`` / ``hf-to-run HF_DIR OUT_DIR``.
 """
 

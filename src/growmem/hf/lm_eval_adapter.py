@@ -15,7 +15,8 @@ lm-eval's CLI::
 
 ``pretrained`` is an HF folder written by ``save_pretrained`` / :func:`growmem.hf.convert.run_to_hf`, a
 trainer run folder (its newest checkpoint) or a ``ckpt-XXXXXX`` folder. ``model=`` takes an in-memory
-:class:`~growmem.models.CausalLM` or :class:`~growmem.hf.GrowMemForCausalLM` instead.
+:class:`~growmem.models.CausalLM`, :class:`~growmem.models.RecurrentMemoryTransformer` or
+:class:`~growmem.hf.GrowMemForCausalLM` instead.
 
 Tokenization: byte-level. For a model with ``vocab_size == 256`` a text is its UTF-8 bytes, one token per
 byte (no special tokens); ``loglikelihood`` is exactly log P(continuation's bytes | context's bytes)
@@ -33,6 +34,12 @@ the padding, except models whose plan depends on the total length, e.g. ``loglin
 batched only with requests of the same length). ``max_length`` (default: none) truncates contexts on
 the left; ``loglikelihood_rolling`` streams long texts through the model's cache in pieces of
 ``chunk_tokens`` tokens (equal to one pass over the whole text).
+
+Recurrent Memory Transformers (``ModelConfig.rmt``) are scored the same way: ``loglikelihood`` runs the
+segment-wise forward (right padding is harmless: a position never reads the padding after it, and a
+segment's memory is read only by later segments), ``loglikelihood_rolling`` and ``generate_until``
+stream through :meth:`~growmem.models.RecurrentMemoryTransformer.feed`. Inputs longer than
+``rmt.max_segments`` segments raise.
 """
 
 from __future__ import annotations
@@ -46,6 +53,7 @@ import torch
 import torch.nn.functional as F
 
 from growmem.models.lm import CausalLM
+from growmem.models.rmt import RecurrentMemoryTransformer
 
 try:
     from lm_eval.api.model import LM as _LMBase  # noqa: N811
@@ -97,7 +105,7 @@ class _HFTokenizer:
         return self.tok.decode(list(ids))
 
 
-def _load(pretrained: str) -> CausalLM:
+def _load(pretrained: str) -> CausalLM | RecurrentMemoryTransformer:
     p = Path(pretrained)
     if (p / "config.json").is_file() and not (p / "latest").is_file() and not (p / "state.json").is_file():
         from growmem.hf.modeling import GrowMemForCausalLM
@@ -129,7 +137,7 @@ class GrowMemLM(_LMBase):
 
     Args:
         pretrained: HF folder, run folder or checkpoint folder. Or give ``model``.
-        model: a :class:`CausalLM` or ``GrowMemForCausalLM`` instance.
+        model: a :class:`CausalLM`, :class:`RecurrentMemoryTransformer` or ``GrowMemForCausalLM`` instance.
         device, dtype: where and in which precision to run (default: ``cuda`` when available, else ``cpu``;
             an unavailable ``cuda`` falls back to the CPU with a warning; default dtype: the model's).
         batch_size: requests per forward in ``loglikelihood`` (``"auto"`` = 8).
@@ -155,8 +163,9 @@ class GrowMemLM(_LMBase):
             raise ValueError("give exactly one of pretrained=PATH or model=MODEL")
         lm = _load(str(pretrained)) if pretrained is not None else model
         lm = getattr(lm, "growmem_model", lm)
-        if not isinstance(lm, CausalLM):
-            raise TypeError(f"model must be a growmem CausalLM or GrowMemForCausalLM, got {type(lm).__name__}")
+        if not isinstance(lm, (CausalLM, RecurrentMemoryTransformer)):
+            raise TypeError("model must be a growmem CausalLM, RecurrentMemoryTransformer or GrowMemForCausalLM, "
+                            f"got {type(lm).__name__}")
         if device is None or (str(device).startswith("cuda") and not torch.cuda.is_available()):
             if device is not None:  # lm-eval's command line asks for cuda by default
                 warnings.warn(f"device={device!r} is not available here; using the CPU", stacklevel=2)
@@ -230,6 +239,21 @@ class GrowMemLM(_LMBase):
             return ctx, self.tok_encode(continuation)
         return ctx, whole[len(ctx):]
 
+    def _new_stream(self, total_length: int) -> Any:
+        """An empty decoding state for one stream of at most ``total_length`` tokens: the model's cache list,
+        or an RMT's :class:`~growmem.models.rmt.RMTState`."""
+        if isinstance(self.model, RecurrentMemoryTransformer):
+            return self.model.new_state(1)
+        return self.model.new_cache(1, total_length)
+
+    def _stream(self, ids: list[int], state: Any) -> tuple[torch.Tensor, Any]:
+        """Feed ``ids`` (one stream) into ``state`` -> (logits ``[1, len(ids), vocab]``, new state)."""
+        x = torch.tensor([ids], dtype=torch.long, device=self._device)
+        if isinstance(self.model, RecurrentMemoryTransformer):
+            return self.model.feed(x, state)
+        res = self.model(x, cache=state, use_cache=True)
+        return res.logits, res.cache
+
     def _hook(self, kind: str, args: Any, result: Any) -> None:
         hook = getattr(self, "cache_hook", None)
         if hook is not None and hasattr(hook, "add_partial"):
@@ -299,13 +323,11 @@ class GrowMemLM(_LMBase):
                 continue
             inp = self._prefix() + toks[:-1]
             total = 0.0
-            cache = self.model.new_cache(1, len(inp))
+            state = self._new_stream(len(inp))
             for lo in range(0, len(inp), self.chunk_tokens):
                 hi = min(lo + self.chunk_tokens, len(inp))
-                ids = torch.tensor([inp[lo:hi]], dtype=torch.long, device=self._device)
-                res = self.model(ids, cache=cache, use_cache=True)
-                cache = res.cache
-                lp = F.log_softmax(res.logits[0].float(), dim=-1)
+                logits, state = self._stream(inp[lo:hi], state)
+                lp = F.log_softmax(logits[0].float(), dim=-1)
                 tgt = torch.tensor(toks[lo:hi], dtype=torch.long, device=lp.device)
                 total += float(lp.gather(1, tgt[:, None]).sum())
             out.append(total)
@@ -339,9 +361,9 @@ class GrowMemLM(_LMBase):
 
     def _generate_one(self, ctx: list[int], max_new: int, temperature: float, top_k: int | None,
                       until: list[str], gen: torch.Generator) -> str:
-        cache = self.model.new_cache(1, len(ctx) + max_new)
-        res = self.model(torch.tensor([ctx], dtype=torch.long, device=self._device), cache=cache, use_cache=True)
-        cache, logits = res.cache, res.logits[:, -1]
+        state = self._new_stream(len(ctx) + max_new)
+        logits, state = self._stream(ctx, state)
+        logits = logits[:, -1]
         new: list[int] = []
         for step in range(max_new):
             if temperature == 0:
@@ -357,15 +379,16 @@ class GrowMemLM(_LMBase):
                 if any(u in text for u in until):
                     break
             if step + 1 < max_new:
-                res = self.model(torch.tensor([[nxt]], dtype=torch.long, device=self._device), cache=cache,
-                                 use_cache=True)
-                cache, logits = res.cache, res.logits[:, -1]
+                logits, state = self._stream([nxt], state)
+                logits = logits[:, -1]
         text = self.tok_decode(new)
         cut = min((text.find(u) for u in until if u in text), default=-1) if until else -1
         return text[:cut] if cut >= 0 else text
 
 
-def _length_dependent(model: CausalLM) -> bool:
+def _length_dependent(model: CausalLM | RecurrentMemoryTransformer) -> bool:
+    """Whether padding may change a model's outputs at real positions: a mixer's plan depends on the total
+    length (logarithmic Memory Caching; inside an RMT, on the length of the last, padded segment)."""
     from growmem.caching.wrapper import CachedMemory
 
     return any(isinstance(m, CachedMemory) and m.config.segmentation == "log" for m in model.modules())

@@ -1,16 +1,21 @@
-"""``GrowMemForCausalLM``: growmem's :class:`~growmem.models.CausalLM` as a Hugging Face ``PreTrainedModel``.
+"""``GrowMemForCausalLM``: growmem's :class:`~growmem.models.CausalLM` (or a Recurrent Memory Transformer
+around one) as a Hugging Face ``PreTrainedModel``.
 
-The wrapped model is ``self.model`` (a plain growmem ``CausalLM``), so the parameter names are growmem's
-under the prefix ``model.`` (``model.embed.weight``, ``model.layers.0.mixer.q_proj.weight``, ...). With
-tied embeddings ``model.lm_head.weight`` is ``model.embed.weight`` and is saved once.
+The wrapped model is ``self.model``: what :func:`growmem.models.build_model` makes of the config, a plain
+growmem ``CausalLM``, or a :class:`~growmem.models.RecurrentMemoryTransformer` when ``ModelConfig.rmt``
+is set. The parameter names are growmem's under the prefix ``model.`` (``model.embed.weight``,
+``model.layers.0.mixer.q_proj.weight``, ...; for an RMT ``model.backbone.embed.weight``, ...,
+``model.memory``). With tied embeddings the LM head's weight is the embedding's and is saved once.
 
 Decoding uses each mixer's own cache: :class:`GrowMemCache` wraps growmem's per-layer cache list and
-the number of tokens it has seen; ``prepare_inputs_for_generation`` feeds ``generate()`` only the tokens
-the cache has not seen. Mixers whose plan depends on the total length (logarithmic Memory Caching,
-``loglinear++``) get it from ``generate``'s ``max_new_tokens`` / ``max_length``.
+the number of tokens it has seen (:class:`GrowMemRMTCache`: an RMT's streaming state, see
+:meth:`RecurrentMemoryTransformer.feed`); ``prepare_inputs_for_generation`` feeds ``generate()`` only the
+tokens the cache has not seen. Mixers whose plan depends on the total length (logarithmic Memory
+Caching, ``loglinear++``) get it from ``generate``'s ``max_new_tokens`` / ``max_length``.
 
 Limits (each raises a clear error): ``attention_mask`` must be all ones (no padding: growmem mixers
-have no masking), no ``inputs_embeds``, no beam search, no ``output_attentions``.
+have no masking), no ``inputs_embeds``, no beam search, no ``output_attentions``; for an RMT, no
+``output_hidden_states`` together with a cache.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from growmem.caching.wrapper import CachedMemory
 from growmem.hf.configuration import GrowMemConfig
 from growmem.layers.rope import RotaryEmbedding
 from growmem.models.lm import IGNORE_INDEX, CausalLM
+from growmem.models.rmt import RecurrentMemoryTransformer, RMTState, build_model
 
 try:  # transformers >= 5 maps target -> source; 4.x lists the target names
     from transformers import __version__ as _TF_VERSION
@@ -36,7 +42,21 @@ try:  # transformers >= 5 maps target -> source; 4.x lists the target names
 except (ImportError, ValueError):  # pragma: no cover
     _TF_MAJOR = 5
 
-_TIED: Any = {"model.lm_head.weight": "model.embed.weight"} if _TF_MAJOR >= 5 else ["model.lm_head.weight"]
+
+
+def _tied_names(rmt: bool) -> tuple[str, str]:
+    """(LM head weight, embedding weight): the full parameter names of the tied pair."""
+    base = "model.backbone." if rmt else "model."
+    return f"{base}lm_head.weight", f"{base}embed.weight"
+
+
+def _tied_keys(rmt: bool) -> Any:
+    """``_tied_weights_keys`` in the form the installed transformers wants (5.x: target -> source)."""
+    head, embed = _tied_names(rmt)
+    return {head: embed} if _TF_MAJOR >= 5 else [head]
+
+
+_TIED: Any = _tied_keys(False)
 
 
 class GrowMemCache:
@@ -69,6 +89,29 @@ class GrowMemCache:
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         raise NotImplementedError("growmem models do not support beam search (num_beams > 1)")
+
+
+class GrowMemRMTCache(GrowMemCache):
+    """A Recurrent Memory Transformer's decoding state for the HF API: the :class:`RMTState` of
+    :meth:`RecurrentMemoryTransformer.feed` (memory read by the open segment, that segment's backbone
+    caches, tokens in it, segments opened) and the tokens seen so far. Functional, as
+    :class:`GrowMemCache`: every forward returns a new one.
+
+    ``layers`` is the open segment's per-layer backbone cache list (empty before the first token).
+    """
+
+    def __init__(self, state: RMTState, seen_tokens: int = 0, num_layers: int = 0) -> None:
+        super().__init__(list(state.caches) if state.caches is not None else [], seen_tokens)
+        self.state = state
+        self.num_layers = int(num_layers)
+
+    def __len__(self) -> int:
+        return self.num_layers
+
+    def __repr__(self) -> str:
+        st = self.state
+        return (f"GrowMemRMTCache(seen_tokens={self.seen_tokens}, segments={st.segments}, "
+                f"filled={st.filled})")
 
 
 def _needs_total_length(model: CausalLM) -> bool:
@@ -108,7 +151,8 @@ def _reset_rope(module: RotaryEmbedding) -> None:
 
 class GrowMemForCausalLM(GrowMemPreTrainedModel, GenerationMixin):
     """growmem's causal LM with the Hugging Face interface (``forward``, ``generate``, ``save_pretrained``,
-    ``from_pretrained``, ``AutoModelForCausalLM``).
+    ``from_pretrained``, ``AutoModelForCausalLM``). With ``ModelConfig.rmt`` set it wraps a Recurrent
+    Memory Transformer (whose backbone is the causal LM the rest of the config describes).
 
     ``forward(input_ids, attention_mask=None, labels=None, past_key_values=None, use_cache=None,
     return_dict=None)`` returns :class:`CausalLMOutputWithPast`. ``labels`` follow the HF convention
@@ -120,46 +164,75 @@ class GrowMemForCausalLM(GrowMemPreTrainedModel, GenerationMixin):
     def __init__(self, config: GrowMemConfig) -> None:
         super().__init__(config)
         mc = config.to_model_config()
-        if getattr(mc, "rmt", None) is not None:
-            raise NotImplementedError("growmem.hf wraps growmem's CausalLM only: Recurrent Memory Transformer "
-                                      "configs (ModelConfig.rmt set) are not supported yet")
-        self.model = CausalLM(mc)
+        self.is_rmt = getattr(mc, "rmt", None) is not None
+        self._tied_weights_keys = _tied_keys(self.is_rmt)  # read by post_init / save_pretrained
+        self.model: CausalLM | RecurrentMemoryTransformer = build_model(mc)
         self._gm_total_length: int | None = None
         self.post_init()
 
+    @property
+    def lm(self) -> CausalLM:
+        """The growmem :class:`CausalLM` that holds the embeddings and the LM head: ``self.model``, or an
+        RMT's backbone."""
+        return self.model.backbone if isinstance(self.model, RecurrentMemoryTransformer) else self.model
+
     # -- embeddings (used by transformers' tying / resizing helpers) ---------------------------------
     def get_input_embeddings(self) -> nn.Embedding:
-        return self.model.embed
+        return self.lm.embed
 
     def set_input_embeddings(self, value: nn.Embedding) -> None:
-        self.model.embed = value
+        self.lm.embed = value
 
     def get_output_embeddings(self) -> nn.Linear:
-        return self.model.lm_head
+        return self.lm.lm_head
 
     def set_output_embeddings(self, value: nn.Linear) -> None:
-        self.model.lm_head = value
+        self.lm.lm_head = value
 
     def resize_token_embeddings(self, *args: Any, **kwargs: Any) -> Any:
         raise NotImplementedError("resizing the vocabulary of a growmem model is not supported")
 
     @property
-    def growmem_model(self) -> CausalLM:
-        """The wrapped growmem :class:`CausalLM` (shares the parameters)."""
+    def growmem_model(self) -> CausalLM | RecurrentMemoryTransformer:
+        """The wrapped growmem model (shares the parameters): a :class:`CausalLM`, or a
+        :class:`RecurrentMemoryTransformer` when the config sets ``rmt``."""
         return self.model
 
     # -- caches -------------------------------------------------------------------------------------------
     @property
     def needs_total_length(self) -> bool:
         """True when a mixer's decoding plan depends on the total length (``loglinear++``, MC with
-        ``segmentation='log'``): decoding caches must then be made with :meth:`new_cache`."""
-        return _needs_total_length(self.model)
+        ``segmentation='log'``): decoding caches must then be made with :meth:`new_cache`. Never for an
+        RMT (each segment has a known length, and the RMT plans its backbone caches itself)."""
+        return not self.is_rmt and _needs_total_length(self.model)
 
     def new_cache(self, batch_size: int, total_length: int | None = None) -> GrowMemCache:
-        """An empty decoding cache for ``batch_size`` streams of at most ``total_length`` tokens."""
+        """An empty decoding cache for ``batch_size`` streams of at most ``total_length`` tokens (for an RMT:
+        a :class:`GrowMemRMTCache` at the learned initial memory; ``total_length`` is checked against
+        ``rmt.max_segments``)."""
+        if isinstance(self.model, RecurrentMemoryTransformer):
+            if total_length is not None:
+                self._check_rmt_length(total_length)
+            return GrowMemRMTCache(self.model.new_state(batch_size), 0, len(self.lm.layers))
         if total_length is None and self.needs_total_length:
             raise ValueError(_TOTAL_LENGTH_MSG)
         return GrowMemCache(self.model.new_cache(batch_size, total_length), 0)
+
+    def _check_rmt_length(self, total_length: int) -> None:
+        """Refuse a stream of ``total_length`` tokens that needs more than ``rmt.max_segments`` segments."""
+        rmt = self.model
+        assert isinstance(rmt, RecurrentMemoryTransformer)
+        cap, n = rmt.rmt.max_segments, rmt.num_segments(total_length)
+        if cap is not None and n > cap:
+            raise ValueError(f"{total_length} tokens make {n} segments of {rmt.rmt.segment_len}, more than "
+                             f"rmt.max_segments={cap}")
+
+    def _check_cache(self, past_key_values: Any) -> None:
+        """``past_key_values`` must be this model's kind of growmem cache."""
+        want = GrowMemRMTCache if self.is_rmt else GrowMemCache
+        if not isinstance(past_key_values, want) or (not self.is_rmt and isinstance(past_key_values, GrowMemRMTCache)):
+            raise TypeError(f"past_key_values must be a {want.__name__} (from a previous forward or model.new_cache) "
+                            f"for this growmem model, got {type(past_key_values).__name__}")
 
     # -- forward --------------------------------------------------------------------------------------------
     def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
@@ -181,30 +254,60 @@ class GrowMemForCausalLM(GrowMemPreTrainedModel, GenerationMixin):
             raise TypeError(f"GrowMemForCausalLM.forward got unsupported arguments {extra}")
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
+        if past_key_values is not None:
+            self._check_cache(past_key_values)
         seen = 0 if past_key_values is None else past_key_values.get_seq_length()
         _check_attention_mask(attention_mask, input_ids, seen)
         if use_cache is None:
             use_cache = past_key_values is not None
-        if past_key_values is not None and not isinstance(past_key_values, GrowMemCache):
-            raise TypeError(f"past_key_values must be a GrowMemCache (from a previous forward or model.new_cache), "
-                            f"got {type(past_key_values).__name__}")
-        if use_cache and past_key_values is None and self.needs_total_length:
-            raise ValueError(_TOTAL_LENGTH_MSG)
-        cache = past_key_values.layers if past_key_values is not None else None
         hidden: tuple[torch.Tensor, ...] | None = None
-        if output_hidden_states:
-            logits, new_layers, hidden = self._forward_with_hidden(input_ids, cache, use_cache)
+        new_cache: GrowMemCache | None
+        if isinstance(self.model, RecurrentMemoryTransformer):
+            logits, new_cache, hidden = self._rmt_forward(input_ids, past_key_values, bool(use_cache),
+                                                          bool(output_hidden_states))
         else:
-            out = self.model(input_ids, cache=cache, use_cache=use_cache)
-            logits, new_layers = out.logits, out.cache
+            if use_cache and past_key_values is None and self.needs_total_length:
+                raise ValueError(_TOTAL_LENGTH_MSG)
+            cache = past_key_values.layers if past_key_values is not None else None
+            if output_hidden_states:
+                logits, new_layers, hidden = self._forward_with_hidden(input_ids, cache, use_cache)
+            else:
+                out = self.model(input_ids, cache=cache, use_cache=use_cache)
+                logits, new_layers = out.logits, out.cache
+            new_cache = GrowMemCache(new_layers, seen + input_ids.shape[1]) if use_cache else None
         loss = _shifted_loss(logits, labels, self.config.vocab_size, num_items) if labels is not None else None
-        new_cache = GrowMemCache(new_layers, seen + input_ids.shape[1]) if use_cache else None
         if return_dict is None:
             return_dict = getattr(self.config, "return_dict", True)
         if not return_dict:
             res = tuple(x for x in (logits, new_cache, hidden) if x is not None)
             return (loss, *res) if loss is not None else res
         return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=new_cache, hidden_states=hidden)
+
+    def _rmt_forward(self, input_ids: torch.Tensor, past: GrowMemCache | None, use_cache: bool,
+                     output_hidden_states: bool) -> tuple[torch.Tensor, GrowMemCache | None,
+                                                          tuple[torch.Tensor, ...] | None]:
+        """The RMT: without a cache its segment-wise ``forward`` (exactly growmem's logits and hidden
+        states); with one (``past_key_values`` given or ``use_cache``) its streaming ``feed`` from that
+        state (or from a fresh one)."""
+        rmt = self.model
+        assert isinstance(rmt, RecurrentMemoryTransformer)
+        if past is None and not use_cache:
+            out = rmt(input_ids, output_hidden_states=output_hidden_states)
+            hidden = None
+            if out.hidden_states is not None:  # as the plain path: the last entry after the final norm
+                hidden = (*out.hidden_states[:-1], rmt.backbone.norm(out.hidden_states[-1]))
+            return out.logits, None, hidden
+        if output_hidden_states:
+            raise ValueError("output_hidden_states with a cache (past_key_values or use_cache=True) is not "
+                             "supported for Recurrent Memory Transformer models: call forward without a cache")
+        if past is None:
+            seen, state = 0, rmt.new_state(input_ids.shape[0])
+        else:
+            assert isinstance(past, GrowMemRMTCache)  # checked by forward
+            seen, state = past.get_seq_length(), past.state
+        logits, state = rmt.feed(input_ids, state)
+        new = GrowMemRMTCache(state, seen + input_ids.shape[1], len(rmt.backbone.layers)) if use_cache else None
+        return logits, new, None
 
     def _forward_with_hidden(self, input_ids, cache, use_cache):
         m = self.model
@@ -233,9 +336,8 @@ class GrowMemForCausalLM(GrowMemPreTrainedModel, GenerationMixin):
         if use_cache:
             if past_key_values is None:
                 past_key_values = self.new_cache(input_ids.shape[0], self._gm_total_length)
-            elif not isinstance(past_key_values, GrowMemCache):
-                raise TypeError("past_key_values must be a GrowMemCache for growmem models, got "
-                                f"{type(past_key_values).__name__}")
+            else:
+                self._check_cache(past_key_values)
             input_ids = input_ids[:, past_key_values.get_seq_length():]
         else:
             past_key_values = None
@@ -245,12 +347,16 @@ class GrowMemForCausalLM(GrowMemPreTrainedModel, GenerationMixin):
     @torch.no_grad()
     def generate(self, inputs: torch.Tensor | None = None, generation_config: Any = None, **kwargs: Any) -> Any:
         """``transformers`` generation (greedy, sampling, ...) with growmem's caches. Beam search is not
-        supported. The total length (prompt + new tokens) is given to mixers whose plan needs it."""
+        supported. The total length (prompt + new tokens) is given to mixers whose plan needs it; for an
+        RMT it is checked against ``rmt.max_segments`` before decoding."""
         gc = generation_config if generation_config is not None else self.generation_config
         if int(kwargs.get("num_beams", getattr(gc, "num_beams", 1)) or 1) > 1:
             raise NotImplementedError("growmem models do not support beam search (num_beams > 1)")
+        total = _planned_length(inputs, gc, kwargs)
+        if self.is_rmt and total is not None:
+            self._check_rmt_length(total)
         prev = self._gm_total_length
-        self._gm_total_length = _planned_length(inputs, gc, kwargs)
+        self._gm_total_length = total
         try:
             return super().generate(inputs, generation_config=generation_config, **kwargs)
         finally:
@@ -287,7 +393,7 @@ class GrowMemForCausalLM(GrowMemPreTrainedModel, GenerationMixin):
             if type(err).__name__ == "SafetensorError" or "deserializ" in msg.lower():
                 raise ValueError(f"corrupted or unreadable weights file in {where!r}: {_short(msg)}") from err
             raise
-        tied = set(_TIED if isinstance(_TIED, list) else _TIED.keys()) if model.config.tie_word_embeddings else set()
+        tied = {_tied_names(model.is_rmt)[0]} if model.config.tie_word_embeddings else set()
         missing = sorted(set(info.get("missing_keys", [])) - tied)
         unexpected = sorted(info.get("unexpected_keys", []))
         mismatched = [m[0] if isinstance(m, tuple) else m for m in info.get("mismatched_keys", [])]
@@ -304,8 +410,9 @@ class GrowMemForCausalLM(GrowMemPreTrainedModel, GenerationMixin):
         for m in model.modules():  # the non-persistent RoPE buffers are not in the weights file
             if isinstance(m, RotaryEmbedding):
                 _reset_rope(m)
-        if model.config.tie_word_embeddings and model.model.lm_head.weight is not model.model.embed.weight:
-            model.model.lm_head.weight = model.model.embed.weight
+        lm = model.lm
+        if model.config.tie_word_embeddings and lm.lm_head.weight is not lm.embed.weight:
+            lm.lm_head.weight = lm.embed.weight
         return (model, info) if want_info else model
 
 
@@ -333,7 +440,7 @@ def _load_local_weights(model: GrowMemForCausalLM, folder: str) -> None:
     for f in _weight_files(folder):
         sd.update(load_file(f))
     missing, unexpected = model.load_state_dict(sd, strict=False)
-    tied = {"model.lm_head.weight", "model.embed.weight"} if model.config.tie_word_embeddings else set()
+    tied = set(_tied_names(model.is_rmt)) if model.config.tie_word_embeddings else set()
     missing = sorted(set(missing) - tied)
     if missing or unexpected:
         raise ValueError(f"the weights in {folder!r} do not fit the model its config.json describes: missing "
@@ -357,18 +464,28 @@ def check_weights_folder(folder: str | os.PathLike, config: GrowMemConfig) -> No
                     found[k] = tuple(fh.get_slice(k).get_shape())
         except (SafetensorError, OSError, ValueError) as err:
             raise ValueError(f"corrupted or unreadable weights file {f!r}: {err}") from None
+    mc = config.to_model_config()
     with torch.device("meta"):
-        ref = CausalLM(config.to_model_config())
+        ref = build_model(mc)
     want = {f"model.{k}": tuple(v.shape) for k, v in ref.state_dict().items()}
-    optional = {"model.lm_head.weight", "model.embed.weight"} if config.tie_word_embeddings else set()
+    is_rmt = getattr(mc, "rmt", None) is not None
+    head, embed = _tied_names(is_rmt)
+    optional = {head, embed} if config.tie_word_embeddings else set()
     missing = sorted(k for k in want if k not in found and k not in optional)
     if optional and not (optional & found.keys()):
-        missing.append("model.embed.weight")
+        missing.append(embed)
     unexpected = sorted(k for k in found if k not in want)
     mis = sorted(f"{k}: file {found[k]} vs model {want[k]}" for k in want if k in found and found[k] != want[k])
     if missing or unexpected or mis:
+        rmt_file = any(k.startswith("model.backbone.") for k in found)
+        hint = ""
+        if rmt_file != is_rmt:
+            hint = (" the file holds a Recurrent Memory Transformer's weights (model.backbone.*) but config.json "
+                    "sets no growmem['rmt'];" if rmt_file else
+                    " the file holds a plain CausalLM's weights but config.json sets growmem['rmt'] (a Recurrent "
+                    "Memory Transformer);")
         raise ValueError(f"the weights in {folder!r} do not fit the model its config.json describes (was config.json "
-                         f"edited, or are the weights from another model?): "
+                         f"edited, or are the weights from another model?):{hint} "
                          + "; ".join(f"{what} {items[:5]}" + (f" (+{len(items) - 5} more)" if len(items) > 5 else "")
                                      for what, items in (("missing", missing), ("unexpected", unexpected),
                                                          ("mis-shaped", mis)) if items))

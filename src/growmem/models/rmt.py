@@ -110,9 +110,13 @@ class RMTConfig:
 @dataclass
 class RMTOutput(LMOutput):
     """:class:`LMOutput` (``logits [B, T, vocab]``, ``loss``) plus ``memory [B, m, D]``: the memory
-    written by the last segment (the input's memory for a continuation)."""
+    written by the last segment (the input's memory for a continuation), and, when asked for
+    (``forward(..., output_hidden_states=True)``), ``hidden_states``: the residual stream at the token
+    positions (memory slots left out), ``[B, T, D]`` each: the token embeddings, then the output of
+    every block (before the final norm)."""
 
     memory: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
 
 
 class RecurrentMemoryTransformer(nn.Module):
@@ -188,12 +192,15 @@ class RecurrentMemoryTransformer(nn.Module):
             raise ValueError(f"memory must be a tensor of shape {want}, got {got}")
         return memory
 
-    def _blocks(self, x: torch.Tensor, caches: list[Cache | None] | None,
-                use_cache: bool) -> tuple[torch.Tensor, list[Cache | None]]:
+    def _blocks(self, x: torch.Tensor, caches: list[Cache | None] | None, use_cache: bool,
+                hidden: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, list[Cache | None]]:
         """The backbone's residual blocks on ``x [B, T, D]`` (as ``Block.forward``), attention layers with
-        the read slots as a bidirectional prefix. Returns the last residual stream (before the final norm)."""
+        the read slots as a bidirectional prefix. Returns the last residual stream (before the final norm).
+        ``hidden``: if given, the input and every block's output are appended to it."""
         m = self.rmt.num_mem_tokens
         new: list[Cache | None] = []
+        if hidden is not None:
+            hidden.append(x)
         for i, layer in enumerate(self.backbone.layers):
             c = None if caches is None else caches[i]
             h = layer.norm1(x)
@@ -204,29 +211,38 @@ class RecurrentMemoryTransformer(nn.Module):
             x = x + y
             x = x + layer.mlp(layer.norm2(x))
             new.append(c)
+            if hidden is not None:
+                hidden.append(x)
         return x, new
 
-    def _segment(self, mem: torch.Tensor, xs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _segment(self, mem: torch.Tensor, xs: torch.Tensor,
+                 hidden: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """One segment: ``mem [B, m, D]``, token embeddings ``xs [B, L_s, D]`` -> (logits ``[B, L_s, V]``,
-        next memory ``[B, m, D]``)."""
+        next memory ``[B, m, D]``). ``hidden``: if given, the token positions' residual streams
+        ``[B, L_s, D]`` (input, then each block's output) are appended to it."""
         m, Ls = mem.shape[1], xs.shape[1]
-        h, _ = self._blocks(torch.cat((mem, xs, mem), dim=1), None, False)
+        full: list[torch.Tensor] | None = [] if hidden is not None else None
+        h, _ = self._blocks(torch.cat((mem, xs, mem), dim=1), None, False, full)
+        if hidden is not None and full is not None:
+            hidden.extend(t[:, m: m + Ls] for t in full)
         tok, new_mem = torch.split(h, [m + Ls, m], dim=1)
         return self._logits(tok[:, m:]), new_mem
 
     # ------------------------------------------------------------------------------------------- forward
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None,
-                memory: torch.Tensor | None = None) -> RMTOutput:
+                memory: torch.Tensor | None = None, output_hidden_states: bool = False) -> RMTOutput:
         """Segment-wise forward over ``input_ids [B, T]`` (any T; the last segment may be shorter).
 
         Args:
             input_ids: token ids ``[B, T]``.
             targets: ``[B, T]`` aligned with the positions, -100 ignored (as :class:`CausalLM`).
             memory: ``[B, m, D]`` memory to start from (default: the learned initial memory).
+            output_hidden_states: also return the token positions' residual streams (``n_layers + 1``
+                tensors ``[B, T, D]``: the embeddings, then each block's output before the final norm).
 
         Returns:
-            :class:`RMTOutput` with ``logits [B, T, vocab]``, ``loss`` (or None) and ``memory [B, m, D]``,
-            the memory written by the last segment.
+            :class:`RMTOutput` with ``logits [B, T, vocab]``, ``loss`` (or None), ``memory [B, m, D]``,
+            the memory written by the last segment, and ``hidden_states`` (or None).
         """
         self.check_ids(input_ids)
         B, T = input_ids.shape
@@ -235,14 +251,20 @@ class RecurrentMemoryTransformer(nn.Module):
         k = self.rmt.bptt_depth
         x = self.backbone.embed(input_ids.long())  # [B, T, D]
         logits = []
+        per_segment: list[list[torch.Tensor]] = []
         for s, xs in enumerate(torch.split(x, self.rmt.segment_len, dim=1)):
             if s > 0 and k is not None and s < n - k:
                 mem = mem.detach()  # truncated BPTT: this transition carries no gradient
-            out, mem = self._segment(mem, xs)
+            hidden: list[torch.Tensor] | None = [] if output_hidden_states else None
+            out, mem = self._segment(mem, xs, hidden)
             logits.append(out)
+            if hidden is not None:
+                per_segment.append(hidden)
         all_logits = torch.cat(logits, dim=1) if len(logits) > 1 else logits[0]
         loss = None if targets is None else lm_loss(all_logits, targets, input_ids.shape, self.config.vocab_size)
-        return RMTOutput(all_logits, loss, None, mem)
+        hidden_states = tuple(torch.cat(hs, dim=1) for hs in zip(*per_segment, strict=True)) \
+            if output_hidden_states else None
+        return RMTOutput(all_logits, loss, None, mem, hidden_states)
 
     # ------------------------------------------------------------------------------------------- streaming
     def new_state(self, batch_size: int, memory: torch.Tensor | None = None) -> RMTState:
