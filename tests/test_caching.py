@@ -273,3 +273,25 @@ def test_post_training_mc_keeps_short_sequences_and_extends_long_ones():
     assert torch.equal(gen[:, 5:], model(gen).logits[:, 4:-1].argmax(-1))
     with pytest.raises(ValueError):
         apply_post_training_mc(model, segment_size=12)  # nothing left to wrap
+
+
+@pytest.mark.parametrize("base_cls", [LinearAttentionMemory, SWLAMemory, GatedDeltaNetMemory])
+@pytest.mark.parametrize("agg,top_k", [("ssc", 1), ("ssc", 2), ("ssc", 9), ("grm", 2)])
+def test_all_gradients_match_reference(base_cls, agg, top_k):
+    # every input (q, k, v, connector u, gates), through the batched selection and the hand-written
+    # backward of the grouped reads (_SelectedRead) or the gated reads (_GatedRead)
+    mem = make(base_cls, agg, segment_size=5, top_k=top_k)
+    q, k, v, u, gates = inputs(mem.base)
+    leaves = [x.detach().requires_grad_(True) for x in (q, k, v, u, *gates.values())]
+    names = list(gates)
+
+    def loss(fn):
+        q, k, v, u, *gs = leaves
+        y = fn(q, k, v, u, dict(zip(names, gs, strict=True)))
+        return (y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view(y.shape)).sum()
+
+    gy = torch.autograd.grad(loss(lambda q, k, v, u, g: run(mem, q, k, v, u, g)[0]), leaves)
+    gr = torch.autograd.grad(loss(lambda q, k, v, u, g: naive_memory_caching(mem.base, agg, mem.config, q, k, v,
+                                                                                  g, u)), leaves)
+    for a, b in zip(gy, gr, strict=True):
+        assert rel_err(a, b) < 1e-10

@@ -27,6 +27,7 @@ code with T = 1 and an :class:`MCState`, so token-by-token output equals the par
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -406,79 +407,128 @@ class CachedMemory(Memory):
 
     def _ssc(self, q, u, o_on, pool_on, cached, pools, n0, pieces):
         """Sparse Selective Caching: per token, softmax over the online memory and the ``top_k`` cached
-        memories with the largest <u_t, p(i)>; only those are read.
+        memories with the largest <u_t, p(i)> (Eqs. 16-17); only those are read.
 
-        Reads are grouped by memory, not by token: the (token, slot) selections of every (batch, head)
-        are sorted by memory id once; memory i then reads, in one batched call, the queries of the
-        tokens that picked it (padded to the largest count over batch and heads). All gathers and the
-        scatter back are single index operations, so the work is O(T k K V) plus O(N) small calls.
+        Selection is one batched op over the whole window: the scores of every token against every
+        pooled key, with the memories not yet cached at its position masked to -inf, then one top-k
+        and one softmax. Reads are grouped by memory, not by token (:func:`_ssc_groups`): memory i reads,
+        in one batched call, the queries of the tokens that picked it. On matrix memories
+        :class:`_SelectedRead` does this with a hand-written backward; other memories go through
+        ``base.read``. Work O(T N K) for the scores plus O(T k K V) for the reads.
         """
         B, T, H, K = q.shape
-        V = o_on.shape[-1]
         kmax = self.config.top_k
-        sizes = [hi - lo for lo, hi, _ in pieces]
-        sel_parts, w_parts, gon_parts = [], [], []
-        for j, (uj, pj) in enumerate(zip(u.split(sizes, 1), pool_on.split(sizes, 1), strict=True)):
-            n = n0 + j
-            L = uj.shape[1]
-            if n == 0:
-                sel_parts.append(q.new_full((B, L, H, kmax), -1, dtype=torch.long))
-                w_parts.append(q.new_zeros(B, L, H, kmax))
-                gon_parts.append(q.new_ones(B, L, H, 1))
-                continue
-            scores = torch.einsum("blhk,bnhk->blhn", uj, pools[:, :n])
-            kk = min(kmax, n)
-            top, idx = scores.topk(kk, dim=-1)
-            s_on = (uj * pj).sum(-1, keepdim=True)
-            gamma = torch.softmax(torch.cat([s_on, top], -1) / self.config.temperature, dim=-1)
-            g_sel = gamma[..., 1:]
-            if kk < kmax:
-                idx = torch.cat([idx, idx.new_full((B, L, H, kmax - kk), -1)], -1)
-                g_sel = torch.cat([g_sel, g_sel.new_zeros(B, L, H, kmax - kk)], -1)
-            sel_parts.append(idx)
-            w_parts.append(g_sel)
-            gon_parts.append(gamma[..., :1])
-
-        def cat(xs):
-            return torch.cat(xs, 1) if len(xs) > 1 else xs[0]
-
-        sel, w, g_on = cat(sel_parts), cat(w_parts), cat(gon_parts)  # [B, T, H, kmax] x2, [B, T, H, 1]
-        out = (g_on * o_on).reshape(B * T * H, V)
         n_total = pools.shape[1]
         dev = q.device
-        with torch.no_grad():
-            # entries e = t * kmax + slot of each (b, h), sorted by (memory id, t); unused slots last
-            key = torch.where(sel >= 0, sel, n_total).permute(0, 2, 1, 3).reshape(B, H, T * kmax)
-            key = key * (T * kmax) + torch.arange(T * kmax, device=dev)
-            key_sorted, perm = key.sort(dim=-1)  # perm: entry ids in memory-major order
-            edges = (torch.arange(n_total + 1, device=dev) * (T * kmax)).expand(B, H, n_total + 1).contiguous()
-            bounds = torch.searchsorted(key_sorted.contiguous(), edges)  # [B, H, N+1]: where memory i's entries start
-            counts = bounds[..., 1:] - bounds[..., :-1]  # [B, H, N]
-            cmax = counts.amax(dim=(0, 1)).tolist()
-            rows_q, rows_w, valid, per_mem = [], [], [], []
-            for i in range(n_total):
-                c = int(cmax[i])
-                if c == 0:
-                    continue
-                pos = bounds[..., i, None] + torch.arange(c, device=dev)  # [B, H, c]
-                ok = pos < bounds[..., i + 1, None]
-                ent = perm.gather(-1, pos.clamp(max=T * kmax - 1))  # entry ids [B, H, c]
-                t = ent // kmax
-                # row in [B*T*H] (queries, output) and in [B*T*H*kmax] (weights); padding rows get weight 0
-                rows_q.append(((torch.arange(B, device=dev)[:, None, None] * T + t) * H
-                               + torch.arange(H, device=dev)[None, :, None]).transpose(1, 2))  # [B, c, H]
-                rows_w.append(rows_q[-1] * kmax + (ent % kmax).transpose(1, 2))
-                valid.append(ok.transpose(1, 2))
-                per_mem.append((i, c))
-        if not per_mem:
-            return out.reshape(B, T, H, V)
-        rq, rw, ok = (torch.cat([x.reshape(-1) for x in xs]) for xs in (rows_q, rows_w, valid))
+        sizes = torch.tensor([hi - lo for lo, hi, _ in pieces], device=dev)
+        n_tok = torch.repeat_interleave(torch.arange(n0, n0 + len(pieces), device=dev), sizes)  # [T]
+        hidden = torch.arange(n_total, device=dev)[None, :] >= n_tok[:, None]  # [T, N]: not cached yet
+        scores = torch.einsum("bthk,bnhk->bthn", u, pools).masked_fill(hidden[None, :, None, :], -math.inf)
+        kk = min(kmax, n_total)
+        top, idx = scores.topk(kk, dim=-1)
+        s_on = (u * pool_on).sum(-1, keepdim=True)
+        gamma = torch.softmax(torch.cat([s_on, top], -1) / self.config.temperature, dim=-1)
+        g_on, w = gamma[..., :1], gamma[..., 1:]  # masked picks have weight exactly 0
+        sel = idx.masked_fill(torch.isneginf(top), -1)
+        if kk < kmax:
+            sel = torch.cat([sel, sel.new_full((B, T, H, kmax - kk), -1)], -1)
+            w = torch.cat([w, w.new_zeros(B, T, H, kmax - kk)], -1)
+        out = g_on * o_on
+        groups = _ssc_groups(sel, n_total)
+        if not groups:
+            return out
+        if self.linear_readout and isinstance(cached, torch.Tensor):
+            return out + _SelectedRead.apply(cached, q, w, groups, self.base.scale)
+        V = o_on.shape[-1]
+        rq, rw, ok = (torch.cat([g[j].reshape(-1) for g in groups]) for j in (2, 3, 4))
         qg = q.reshape(B * T * H, K).index_select(0, rq)
         wg = w.reshape(-1).index_select(0, rw) * ok
         cached_list = _unbind1(cached)
         reads = []
-        for (i, c), qi in zip(per_mem, qg.split([B * c * H for _, c in per_mem]), strict=True):
+        for (i, c, *_), qi in zip(groups, qg.split([B * H * c for _, c, *_ in groups]), strict=True):
             state_i = tree_map(lambda x: x[:, None], cached_list[i])
-            reads.append(self.base.read(state_i, qi.view(B, c, H, K))[:, :, 0].reshape(-1, V))
+            qi = qi.view(B, H, c, K).transpose(1, 2)  # [B, c, H, K]
+            reads.append(self.base.read(state_i, qi)[:, :, 0].transpose(1, 2).reshape(-1, V))
         r = torch.cat(reads) * wg[:, None]
-        return out.index_add(0, rq, r).reshape(B, T, H, V)
+        return out.reshape(B * T * H, V).index_add(0, rq, r).reshape(B, T, H, V)
+
+
+def _ssc_groups(sel: torch.Tensor, n_total: int) -> list[tuple[int, int, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Group SSC's selections by memory. ``sel [B, T, H, k]``: memory ids (-1 = unused slot).
+
+    Returns one ``(i, c, rows_q, rows_w, ok)`` per memory i picked anywhere: ``c`` the largest number of
+    picks of i over (batch, head); ``rows_q [B, H, c]`` rows of ``[B*T*H]`` (queries and outputs),
+    ``rows_w [B, H, c]`` rows of ``[B*T*H*k]`` (weights), ``ok [B, H, c]`` False on padding rows (which
+    repeat a valid row and must get weight 0). Sorting once by (memory, token) makes every gather one
+    index operation."""
+    B, T, H, kmax = sel.shape
+    dev = sel.device
+    with torch.no_grad():
+        # entries e = t * kmax + slot of each (b, h), sorted by (memory id, t); unused slots last
+        key = torch.where(sel >= 0, sel, n_total).permute(0, 2, 1, 3).reshape(B, H, T * kmax)
+        key = key * (T * kmax) + torch.arange(T * kmax, device=dev)
+        key_sorted, perm = key.sort(dim=-1)
+        edges = (torch.arange(n_total + 1, device=dev) * (T * kmax)).expand(B, H, n_total + 1).contiguous()
+        bounds = torch.searchsorted(key_sorted.contiguous(), edges)  # [B, H, N+1]: where memory i starts
+        cmax = (bounds[..., 1:] - bounds[..., :-1]).amax(dim=(0, 1)).tolist()
+        base_row = (torch.arange(B, device=dev)[:, None, None] * T * H + torch.arange(H, device=dev)[None, :, None])
+        groups = []
+        for i in range(n_total):
+            c = int(cmax[i])
+            if c == 0:
+                continue
+            pos = bounds[..., i, None] + torch.arange(c, device=dev)  # [B, H, c]
+            ok = pos < bounds[..., i + 1, None]
+            ent = perm.gather(-1, pos.clamp(max=T * kmax - 1))  # entry ids [B, H, c]
+            rows_q = base_row + (ent // kmax) * H
+            groups.append((i, c, rows_q, rows_q * kmax + ent % kmax, ok))
+    return groups
+
+
+class _SelectedRead(torch.autograd.Function):
+    """SSC's reads of matrix states: ``r[b, t, h] = sum_j w[b, t, h, j] S_{sel_j}[b, h]^T (scale q[b, t, h])``.
+
+    ``cached [B, N, H, K, V]``, ``q [B, T, H, K]``, ``w [B, T, H, k]`` -> ``r [B, T, H, V]``, with the
+    selections given as :func:`_ssc_groups`. Per picked memory: one gather of the weighted queries, one
+    batched matmul, one scatter-add; the backward recomputes the gathered queries instead of keeping
+    them, and writes the gradients of q and w with scatter-adds (no full-size zero-filled slices).
+    """
+
+    @staticmethod
+    def forward(ctx, cached, q, w, groups, scale):
+        B, T, H, K = q.shape
+        V = cached.shape[-1]
+        qf, wf = q.reshape(B * T * H, K), w.reshape(-1)
+        out = q.new_zeros(B * T * H, V)
+        for i, c, rq, rw, ok in groups:
+            wi = wf.index_select(0, rw.reshape(-1)).view(B, H, c, 1) * (ok[..., None] * scale)
+            qw = qf.index_select(0, rq.reshape(-1)).view(B, H, c, K) * wi
+            out.index_add_(0, rq.reshape(-1), (qw @ cached[:, i]).reshape(-1, V))
+        ctx.save_for_backward(cached, q, w)
+        ctx.groups, ctx.scale = groups, scale
+        return out.view(B, T, H, V)
+
+    @staticmethod
+    def backward(ctx, dout):
+        cached, q, w = ctx.saved_tensors
+        B, T, H, K = q.shape
+        V = cached.shape[-1]
+        qf, wf, df = q.reshape(B * T * H, K), w.reshape(-1), dout.reshape(B * T * H, V)
+        need_s, need_q, need_w = ctx.needs_input_grad[:3]
+        dS = torch.zeros_like(cached) if need_s else None
+        dq = torch.zeros_like(qf) if need_q else None
+        dw = torch.zeros_like(wf) if need_w else None
+        for i, c, rq, rw, ok in ctx.groups:
+            rq_, rw_ = rq.reshape(-1), rw.reshape(-1)
+            wi = wf.index_select(0, rw_).view(B, H, c, 1) * (ok[..., None] * ctx.scale)
+            qi = qf.index_select(0, rq_).view(B, H, c, K)
+            dr = df.index_select(0, rq_).view(B, H, c, V)
+            if need_s:
+                dS[:, i] = (qi * wi).transpose(-1, -2) @ dr
+            if need_q or need_w:
+                dqw = dr @ cached[:, i].transpose(-1, -2)  # [B, H, c, K]: gradient of the weighted query
+                if need_q:
+                    dq.index_add_(0, rq_, (dqw * wi).reshape(-1, K))
+                if need_w:
+                    dw.index_add_(0, rw_, ((dqw * qi).sum(-1) * (ok * ctx.scale)).reshape(-1))
+        return (dS, None if dq is None else dq.view(q.shape), None if dw is None else dw.view(w.shape), None, None)
