@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from growmem.models import CausalLM
+from growmem.models.rmt import build_model
 from growmem.tasks import make_task
 from growmem.train.checkpoint import latest_checkpoint, load_checkpoint, read_state
 from growmem.train.config import ExperimentConfig
@@ -29,7 +29,9 @@ def main() -> None:
     p.add_argument("--metric", default="accuracy")
     p.add_argument("--samples", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--plot", default=None, help="also write a PNG: the metric against the value, one line per run")
     a = p.parse_args()
+    curves: dict[str, list[float]] = {}
     lines = ["| run | params | " + " | ".join(f"{a.key}={v}" for v in a.values) + " |",
              "|---|---:|" + "---:|" * len(a.values)]
     for run in a.runs:
@@ -37,7 +39,7 @@ def main() -> None:
         if ckpt is None:
             continue
         cfg = ExperimentConfig.from_dict(read_state(ckpt)["config"])
-        model = CausalLM(cfg.model)
+        model = build_model(cfg.model)
         load_checkpoint(ckpt, model, restore_rng=False)
         model.eval()
         cells = []
@@ -47,9 +49,27 @@ def main() -> None:
             with torch.no_grad():
                 m = task.evaluate(model, n_samples=a.samples, batch_size=a.batch_size, seed=777)
             cells.append(f"{m[a.metric]:.3f}")
+            curves.setdefault(Path(run).name, []).append(float(m[a.metric]))
         lines.append(f"| {Path(run).name} | {model.num_parameters()} | " + " | ".join(cells) + " |")
         print(lines[-1], flush=True)
     print("\n".join(lines))
+    if a.plot:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(5.5, 3.8), dpi=110)
+        for name, ys in curves.items():
+            ax.plot(a.values, ys, marker="o", label=name)
+        ax.set_xscale("log")
+        ax.set_xlabel(a.key)
+        ax.set_ylabel(a.metric)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(a.plot)
+        print(f"plot: {a.plot}")
 
 
 if __name__ == "__main__":

@@ -91,54 +91,68 @@ def _stack1(states: list[Any]) -> Any:
 
 
 class _GatedRead(torch.autograd.Function):
-    """Gated reads of cached matrix states for all segments at once, without keeping activations.
+    """Gated reads of cached matrix states for a whole window at once, without keeping activations.
 
-    For piece j with queries q_j ``[B, L, H, K]`` (already scaled) and weights g_j ``[B, L, H, n_j]``
-    over the first n_j cached states, ``r_j[b, t, h] = sum_i g_j[b, t, h, i] S_i[b, h]^T q_j[b, t, h]``,
-    computed in weighted-query form ``[g_1 q .. g_n q] @ [S_1; ..; S_n]`` against ``flat [B, H, N*K, V]``.
-    Backward recomputes the weighted queries per piece and accumulates the gradient of ``flat`` in
-    place, so memory is O(T n) for the weights instead of O(T n K), and no slice of ``flat`` ever
-    materializes a full-size zero gradient.
+    ``flat [B, H, N*K, V]`` (cached state i at rows ``i*K .. (i+1)*K``), queries ``q [B, T, H, K]``
+    (scaled by the python float ``scale`` here), weights ``g [B, T, H, N]``, and the window's pieces
+    as ``sizes`` (tokens) and ``counts`` (cached states visible to the piece). For a token of piece j
+    with n_j = counts[j], ``r[b, t, h] = sum_{i < n_j} g[b, t, h, i] S_i[b, h]^T (scale q[b, t, h])``,
+    computed per piece in weighted-query form ``[g_1 q .. g_n q] @ [S_1; ..; S_n]`` (one matmul); 0 where
+    n_j = 0. Backward recomputes the weighted queries per piece and accumulates the gradient of ``flat``
+    in place, so memory is O(T N) for the weights instead of O(T N K); the gradient of ``g`` is 0 at
+    i >= n_j.
     """
 
     @staticmethod
-    def forward(ctx, flat, K, *qg):
-        P = len(qg) // 2
-        qs, gs = qg[:P], qg[P:]
-        ctx.save_for_backward(flat, *qs, *gs)
-        ctx.K = K
-        outs = []
-        for q, g in zip(qs, gs, strict=True):
-            B, L, H, n = g.shape
-            wq = (g[..., None] * q[:, :, :, None, :]).reshape(B, L, H, n * K).transpose(1, 2)
-            outs.append((wq @ flat[:, :, : n * K]).transpose(1, 2))
-        return tuple(outs)
+    def forward(ctx, flat, q, g, sizes, counts, scale):
+        B, T, H, K = q.shape
+        V = flat.shape[-1]
+        out = q.new_empty(B, H, T, V)
+        qT, gT = q.transpose(1, 2), g.transpose(1, 2)  # [B, H, T, K], [B, H, T, N]
+        lo = 0
+        for L, n in zip(sizes, counts, strict=True):
+            if n > 0:
+                gs = gT[:, :, lo: lo + L, :n, None] * scale
+                wq = (gs * qT[:, :, lo: lo + L, None, :]).view(B, H, L, n * K)
+                torch.matmul(wq, flat[:, :, : n * K], out=out[:, :, lo: lo + L])
+            else:
+                out[:, :, lo: lo + L].zero_()
+            lo += L
+        ctx.save_for_backward(flat, q, g)
+        ctx.sizes, ctx.counts, ctx.scale = sizes, counts, scale
+        return out.transpose(1, 2)
 
     @staticmethod
-    def backward(ctx, *grads):
-        flat, *rest = ctx.saved_tensors
-        P = len(rest) // 2
-        qs, gs = rest[:P], rest[P:]
-        K = ctx.K
-        dflat = torch.zeros_like(flat) if ctx.needs_input_grad[0] else None
-        dqs, dgs = [], []
-        for q, g, dr in zip(qs, gs, grads, strict=True):
-            B, L, H, n = g.shape
-            if dr is None:
-                dqs.append(torch.zeros_like(q))
-                dgs.append(torch.zeros_like(g))
+    def backward(ctx, dr):
+        flat, q, g = ctx.saved_tensors
+        B, T, H, K = q.shape
+        need_f, need_q, need_g = ctx.needs_input_grad[:3]
+        scale = ctx.scale
+        dflat = torch.zeros_like(flat) if need_f else None
+        dqT = q.new_empty(B, H, T, K) if need_q else None
+        dgT = g.new_zeros(B, H, T, g.shape[-1]) if need_g else None
+        qT, gT, drT = q.transpose(1, 2), g.transpose(1, 2) * scale, dr.transpose(1, 2)  # [B, H, T, .]
+        lo = 0
+        for L, n in zip(ctx.sizes, ctx.counts, strict=True):
+            sl = slice(lo, lo + L)
+            lo += L
+            if n == 0:
+                if need_q:
+                    dqT[:, :, sl].zero_()
                 continue
-            drT = dr.transpose(1, 2)  # [B, H, L, V]
-            part = flat[:, :, : n * K]  # [B, H, nK, V]
-            dwq = (drT @ part.transpose(-1, -2)).view(B, H, L, n, K)
-            qT = q.transpose(1, 2)  # [B, H, L, K]
-            gT = g.transpose(1, 2)  # [B, H, L, n]
-            dgs.append((dwq * qT[:, :, :, None, :]).sum(-1).transpose(1, 2))
-            dqs.append((dwq * gT[..., None]).sum(-2).transpose(1, 2))
-            if dflat is not None:
-                wq = (gT[..., None] * qT[:, :, :, None, :]).reshape(B, H, L, n * K)
-                dflat[:, :, : n * K] += wq.transpose(-1, -2) @ drT
-        return (dflat, None, *dqs, *dgs)
+            d = drT[:, :, sl].contiguous()  # [B, H, L, V]
+            q_, g_ = qT[:, :, sl], gT[:, :, sl, :n]
+            if need_q or need_g:
+                dwq = (d @ flat[:, :, : n * K].transpose(-1, -2)).view(B, H, L, n, K)
+                if need_g:
+                    dgT[:, :, sl, :n] = (dwq * q_[:, :, :, None, :]).sum(-1).mul_(scale)
+                if need_q:
+                    dqT[:, :, sl] = (dwq * g_[..., None]).sum(-2)
+            if need_f:
+                wq = (g_[..., None] * q_[:, :, :, None, :]).view(B, H, L, n * K)
+                dflat[:, :, : n * K] += wq.transpose(-1, -2) @ d
+        return (dflat, None if dqT is None else dqT.transpose(1, 2), None if dgT is None else dgT.transpose(1, 2),
+                None, None, None)
 
 
 class CachedMemory(Memory):
@@ -348,34 +362,37 @@ class CachedMemory(Memory):
         return (torch.stack(fin, 1) if fin else None), pool_on, last
 
     # -- aggregation ---------------------------------------------------------------------------------
+    def _scores(self, u, pool_on, pools, n0, pieces):
+        """Scores of every token of the window (Eqs. 9, 16): ``s_on [B, T, H, 1]`` = <u_t, online pool>
+        and ``scores [B, T, H, N]`` = <u_t, p(i)>, -inf for the memories not yet cached at t (a token
+        of piece j sees the first n0 + j)."""
+        N = pools.shape[1]
+        dev = u.device
+        sizes = torch.tensor([hi - lo for lo, hi, _ in pieces], device=dev)
+        n_tok = torch.repeat_interleave(torch.arange(n0, n0 + len(pieces), device=dev), sizes)  # [T]
+        hidden = torch.arange(N, device=dev)[None, :] >= n_tok[:, None]  # [T, N]
+        scores = torch.einsum("bthk,bnhk->bthn", u, pools).masked_fill(hidden[None, :, None, :], -math.inf)
+        return torch.linalg.vecdot(u, pool_on)[..., None], scores
+
     def _aggregate(self, q, u, o_on, pool_on, cached, pools, n0, pieces, contexts=None):
         agg = self.aggregation
         if pools is None:  # nothing cached anywhere in this window: every variant is the base memory
             return o_on
-        # torch.split, not slicing: a slice's backward fills a zero tensor of the full size, per piece
-        sizes = [hi - lo for lo, hi, _ in pieces]
-        qs, os_ = q.split(sizes, 1), o_on.split(sizes, 1)
         if agg == "ssc":
             return self._ssc(q, u, o_on, pool_on, cached, pools, n0, pieces)
+        # torch.split, not slicing: a slice's backward fills a zero tensor of the full size, per piece
+        sizes = [hi - lo for lo, hi, _ in pieces]
+        counts = [n0 + j for j in range(len(pieces))]
         lin = self.linear_readout and isinstance(cached, torch.Tensor)
-        us = u.split(sizes, 1) if u is not None else [None] * len(sizes)
-        ps = pool_on.split(sizes, 1) if pool_on is not None else [None] * len(sizes)
-        B, T, H, K = q.shape
-        outs = []
-        running = None  # prefix sum of cached states (linear readout, res/avg)
-        n_done = 0
-        flat = None
-        lin_pieces: list = []
-        if lin and agg in ("grm", "soup"):
-            # [B, H, N*K, V]: every cached state of a head side by side, so a segment's weighted reads
-            # are one matmul (weighted-query form: sum_i g_i S_i^T q = [g_1 q, ..., g_n q] [S_1; ...; S_n]).
-            flat = cached.permute(0, 2, 1, 3, 4).reshape(B, H, -1, cached.shape[-1])
-        for j, (qj, oj, uj, pj) in enumerate(zip(qs, os_, us, ps, strict=True)):
-            n = n0 + j
-            if n == 0:
-                outs.append(oj)
-                continue
-            if agg in ("res", "avg"):
+        qs, os_ = q.split(sizes, 1), o_on.split(sizes, 1)
+        if agg in ("res", "avg"):
+            outs = []
+            running = None  # prefix sum of cached states (linear readout)
+            n_done = 0
+            for qj, oj, n in zip(qs, os_, counts, strict=True):
+                if n == 0:
+                    outs.append(oj)
+                    continue
                 if lin:
                     add = cached[:, n_done:n].sum(1)
                     running = add if running is None else running + add
@@ -384,25 +401,25 @@ class CachedMemory(Memory):
                 else:
                     r = self.base.read(_slice1(cached, 0, n), qj).sum(2)
                 outs.append(oj + (r / n if agg == "avg" else r))
-                continue
-            scores = torch.einsum("blhk,bnhk->blhn", uj, pools[:, :n])
-            s_on = (uj * pj).sum(-1, keepdim=True)
-            gamma = torch.softmax(torch.cat([s_on, scores], -1) / self.config.temperature, dim=-1)
-            g_on, g_c = gamma[..., :1], gamma[..., 1:]  # [B, L, H, 1], [B, L, H, n]
-            if agg == "soup" and not self.linear_readout:
-                outs.append(self.base.soup_read(qj, oj, g_on, _slice1(cached, 0, n), g_c, online=contexts[j]))
-                continue
-            if flat is not None:
-                lin_pieces.append((len(outs), g_on, oj, qj * self.base.scale, g_c))
-                outs.append(None)  # filled below by one batched gated read over all pieces
-                continue
+            return torch.cat(outs, 1) if len(outs) > 1 else outs[0]
+        # GRM / Soup: one softmax over the online memory and every cached one, masked by position
+        s_on, scores = self._scores(u, pool_on, pools, n0, pieces)
+        gamma = torch.softmax(torch.cat([s_on, scores], -1) / self.config.temperature, dim=-1)
+        g_on, g_c = gamma[..., :1], gamma[..., 1:]  # [B, T, H, 1], [B, T, H, N] (0 where not cached)
+        if lin:  # Soup = GRM on a linear memory; all reads in one function over [S_1; ..; S_N]
+            B, T, H, K = q.shape
+            flat = cached.permute(0, 2, 1, 3, 4).reshape(B, H, -1, cached.shape[-1])  # [B, H, N*K, V]
+            return g_on * o_on + _GatedRead.apply(flat, q, g_c, sizes, counts, self.base.scale)
+        outs = []
+        for j, (qj, oj, gon, gc, n) in enumerate(zip(qs, os_, g_on.split(sizes, 1), g_c.split(sizes, 1), counts,
+                                                     strict=True)):
+            if n == 0:
+                outs.append(oj)
+            elif agg == "soup":
+                outs.append(self.base.soup_read(qj, oj, gon, _slice1(cached, 0, n), gc[..., :n], online=contexts[j]))
             else:
-                r = (self.base.read(_slice1(cached, 0, n), qj) * g_c.permute(0, 1, 3, 2)[..., None]).sum(2)
-            outs.append(g_on * oj + r)
-        if lin_pieces:
-            reads = _GatedRead.apply(flat, K, *[p[3] for p in lin_pieces], *[p[4] for p in lin_pieces])
-            for (slot, g_on, oj, _, _), r in zip(lin_pieces, reads, strict=True):
-                outs[slot] = g_on * oj + r
+                r = (self.base.read(_slice1(cached, 0, n), qj) * gc[..., :n].permute(0, 1, 3, 2)[..., None]).sum(2)
+                outs.append(gon * oj + r)
         return torch.cat(outs, 1) if len(outs) > 1 else outs[0]
 
     def _ssc(self, q, u, o_on, pool_on, cached, pools, n0, pieces):
@@ -419,14 +436,9 @@ class CachedMemory(Memory):
         B, T, H, K = q.shape
         kmax = self.config.top_k
         n_total = pools.shape[1]
-        dev = q.device
-        sizes = torch.tensor([hi - lo for lo, hi, _ in pieces], device=dev)
-        n_tok = torch.repeat_interleave(torch.arange(n0, n0 + len(pieces), device=dev), sizes)  # [T]
-        hidden = torch.arange(n_total, device=dev)[None, :] >= n_tok[:, None]  # [T, N]: not cached yet
-        scores = torch.einsum("bthk,bnhk->bthn", u, pools).masked_fill(hidden[None, :, None, :], -math.inf)
+        s_on, scores = self._scores(u, pool_on, pools, n0, pieces)
         kk = min(kmax, n_total)
         top, idx = scores.topk(kk, dim=-1)
-        s_on = (u * pool_on).sum(-1, keepdim=True)
         gamma = torch.softmax(torch.cat([s_on, top], -1) / self.config.temperature, dim=-1)
         g_on, w = gamma[..., :1], gamma[..., 1:]  # masked picks have weight exactly 0
         sel = idx.masked_fill(torch.isneginf(top), -1)
