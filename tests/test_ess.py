@@ -450,3 +450,36 @@ def test_ess_vs_accuracy_script_on_trained_runs(tmp_path):
         assert 0 <= r["accuracy"] <= 1 and r["kinds"] == "memory"
         assert 0 < r["ess_tol"] <= 8 * 4  # per channel: <= (1 + cached segments) * K with K = 8, <= 3 cached
     assert rows[1]["ess_tol"] > rows[0]["ess_tol"]  # caching grows the effective state on generic inputs
+
+
+def test_rmt_operator_is_the_whole_model_linearization():
+    from growmem.models.rmt import RMTConfig, build_model
+
+    torch.manual_seed(0)
+    base = dict(vocab_size=30, d_model=8, n_layers=2, num_heads=2, mixer="attn")
+    ids = torch.randperm(30)[:20][None]  # distinct tokens: an embedding row belongs to one position
+    pos = [4, 8, 12, 16]  # splits at the segment boundaries (segments of 4)
+    ess = {}
+    for m in (0, 2):
+        model = build_model(ModelConfig(**base, rmt=RMTConfig(num_mem_tokens=m, segment_len=4)))
+        (lo,) = lm_operators(model, ids, jacobian_channels=[0, 3])
+        J = lo.operator.matrix
+        assert lo.kind == "model_jacobian" and J.shape == (1, 2, 20, 20) and not lo.operator.exact
+        assert torch.all(J.triu(1) == 0)  # causal
+        assert layer_state_size(lo, pos) is None
+        # column j = 5 of channel 3 equals a central difference of the model in that embedding entry
+        m64 = model.double().eval()
+        w = m64.backbone.embed.weight
+
+        def h(delta, w=w, m64=m64):
+            with torch.no_grad():
+                w[ids[0, 5], 3] += delta
+                out = m64(ids, output_hidden_states=True).hidden_states[-1][0, :, 3]
+                w[ids[0, 5], 3] -= delta
+            return out
+
+        fd = (h(1e-5) - h(-1e-5)) / 2e-5
+        assert torch.allclose(J[0, 1, :, 5], fd, atol=1e-7)
+        ess[m] = effective_state_size(lo.operator, pos, tol=1e-8).rank.mean().item()
+    assert ess[0] == 0.0  # without memory tokens nothing crosses a segment boundary
+    assert ess[2] > 0.0

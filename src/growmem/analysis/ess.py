@@ -314,6 +314,6 @@ def state_size_curve(module: Any, length: int, positions: Sequence[int]) -> torc
 def layer_state_size(layer_op: LayerOperator, positions: Sequence[int]) -> torch.Tensor | None:
     """TSS per channel of a :class:`~growmem.analysis.operators.LayerOperator` at ``positions``
     (None for linearized layers)."""
-    if layer_op.kind == "layer_jacobian":
+    if layer_op.kind in ("layer_jacobian", "model_jacobian"):
         return None
     return state_size_curve(layer_op.module, layer_op.operator.length, positions)

@@ -21,6 +21,7 @@ matplotlib, imported only here).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -32,7 +33,7 @@ from growmem.analysis.ess import effective_state_size, estimate_cost, layer_stat
 from growmem.analysis.operators import lm_operators
 from growmem.caching.config import MCConfig
 from growmem.models.config import ModelConfig
-from growmem.models.lm import CausalLM
+from growmem.models.rmt import RMTConfig, build_model
 
 _DTYPES = {"float64": torch.float64, "float32": torch.float32}
 ACCOUNTING = ("per value channel (single-input single-output operators, as in the paper); for matrix memories "
@@ -55,8 +56,9 @@ def _find_model_config(d: dict[str, Any]) -> dict[str, Any]:
                      "or 'config')")
 
 
-def load_model_pair(weights: str | Path, config: str | Path) -> CausalLM:
-    """Build a :class:`~growmem.models.lm.CausalLM` from a config JSON and load its weights from a safetensors
+def load_model_pair(weights: str | Path, config: str | Path) -> torch.nn.Module:
+    """Build a :class:`~growmem.models.lm.CausalLM` (or, with ``rmt`` set, a Recurrent Memory Transformer)
+    from a config JSON and load its weights from a safetensors
     file (``safetensors.torch.load_model``: no pickle, strict key check, tied weights handled).
 
     Args:
@@ -74,7 +76,7 @@ def load_model_pair(weights: str | Path, config: str | Path) -> CausalLM:
     if not isinstance(d, dict):
         raise ValueError(f"{config}: expected a JSON object")
     cfg = ModelConfig.from_dict(_find_model_config(d))
-    model = CausalLM(cfg)
+    model = build_model(cfg)
     missing, unexpected = load_model(model, str(weights), strict=True)
     if missing or unexpected:  # strict=True raises first; kept for older safetensors versions
         raise ValueError(f"checkpoint does not match the config: missing {missing}, unexpected {unexpected}")
@@ -101,7 +103,7 @@ def _curve(x: torch.Tensor) -> list[float]:
     return [round(float(v), 4) for v in x]
 
 
-def analyse(model: CausalLM, ids: torch.Tensor, positions: list[int], tol: float, relative: bool,
+def analyse(model: torch.nn.Module, ids: torch.Tensor, positions: list[int], tol: float, relative: bool,
             dtype: torch.dtype, method: str, jacobian_channels: list[int] | None,
             log: Any = print) -> dict[str, Any]:
     """Operators and ESS of every layer; returns the JSON-ready result (see the module docstring)."""
@@ -199,6 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--window", type=int, default=64, help="sliding-window attention width")
     src.add_argument("--segment-size", type=int, default=64, help="Memory Caching segment length")
     src.add_argument("--segmentation", choices=("constant", "log"), default="constant")
+    src.add_argument("--rmt", metavar="M,L", help="wrap the fresh model in a Recurrent Memory Transformer with M "
+                     "memory tokens and segments of L tokens (ESS of the whole-model linearization)")
     src.add_argument("--seed", type=int, default=0, help="initialisation seed of a fresh model")
     inp = p.add_argument_group("input")
     inp.add_argument("--seq-len", type=int, default=512)
@@ -240,10 +244,15 @@ def main(argv: list[str] | None = None) -> int:
                               num_heads=args.num_heads, mixer=names[0] if len(names) == 1 else names,
                               chunk_size=args.chunk_size, window=args.window,
                               mc=MCConfig(segment_size=args.segment_size, segmentation=args.segmentation))
+            if args.rmt:
+                parts = args.rmt.split(",")
+                if len(parts) != 2 or not all(x.strip().isdigit() for x in parts):
+                    raise ValueError(f"--rmt must look like M,L (memory tokens, segment length), got {args.rmt!r}")
+                cfg = dataclasses.replace(cfg, rmt=RMTConfig(num_mem_tokens=int(parts[0]), segment_len=int(parts[1])))
         except ValueError as e:
             print(f"error: {e}")
             return 2
-        model = CausalLM(cfg).eval()
+        model = build_model(cfg).eval()
         source = {"fresh": names, "seed": args.seed}
     else:
         print("error: give --model NAME or --checkpoint FILE --config FILE")
@@ -257,7 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         positions = select_positions(L, stride=args.stride, num=args.num_positions)
     heads_guess = cfg.n_layers * cfg.num_heads * args.batch
-    print(f"model {cfg.layer_mixers} d_model={cfg.d_model} heads={cfg.num_heads}; input {input_info['kind']} "
+    wrap = "" if cfg.rmt is None else f" in an RMT (m={cfg.rmt.num_mem_tokens}, segments of {cfg.rmt.segment_len})"
+    print(f"model {cfg.layer_mixers}{wrap} d_model={cfg.d_model} heads={cfg.num_heads}; input {input_info['kind']} "
           f"L={L} batch={args.batch}")
     print(f"estimated cost (one operator per head): {estimate_cost(heads_guess, L, positions)}")
     if args.dry_run:

@@ -458,7 +458,8 @@ class LayerOperator:
         mixer: registry name of the layer's mixer.
         kind: ``memory`` (the memory's value -> output operator; the layer's projections, short
             convolution and output norm are the featurization around it), ``attention`` (softmax
-            matrix per head) or ``layer_jacobian`` (linearization of the whole mixer, per channel).
+            matrix per head), ``layer_jacobian`` (linearization of the whole mixer, per channel) or
+            ``model_jacobian`` (linearization of a whole RMT, per channel; layer index 0).
         operator: the :class:`Operator`.
         module: the memory / attention / mixer module the operator belongs to (for TSS).
         meta: extra facts (e.g. ``head_k_dim``, ``head_v_dim``, ``window``).
@@ -521,6 +522,31 @@ def capture_layers(model: torch.nn.Module, input_ids: torch.Tensor) -> list[dict
     return records
 
 
+def rmt_jacobian_operator(model: torch.nn.Module, input_ids: torch.Tensor, channels: Sequence[int] | None = None,
+                          chunk: int = 64) -> Operator:
+    """Linearization of a whole :class:`~growmem.models.rmt.RecurrentMemoryTransformer` at ``input_ids
+    [B, L]``: ``T[b, a, t, j] = d h[b, t, a] / d e[b, j, a]`` -> ``[B, len(channels), L, L]``, with ``e``
+    the token embeddings and ``h`` the last residual stream at the token positions (before the final
+    norm). Everything between (every segment, the memory tokens carried across segments, every layer)
+    is inside the map, so a split at a segment boundary measures what the memory passes on; with
+    ``num_mem_tokens = 0`` the segments are independent and those blocks are exactly zero.
+    """
+    embed = model.backbone.embed
+
+    def fn(z: torch.Tensor, n: int) -> torch.Tensor:
+        handle = embed.register_forward_hook(lambda mod, args, out: z[:, :, 0])
+        try:
+            out = model(input_ids.repeat(n, 1), output_hidden_states=True)
+        finally:
+            handle.remove()
+        return out.hidden_states[-1][:, :, None]
+
+    with torch.no_grad():
+        e = embed(input_ids)
+    J, coupling, chans = _diag_jacobian(fn, e[:, :, None], channels, chunk)
+    return Operator(J[:, 0], ("batch", "channel"), "jacobian", exact=False, coupling=coupling, channels=chans)
+
+
 def lm_operators(model: torch.nn.Module, input_ids: torch.Tensor, method: str = "auto",
                  dtype: torch.dtype = torch.float64, jacobian_channels: Sequence[int] | None = None,
                  verify: bool = True) -> list[LayerOperator]:
@@ -533,11 +559,23 @@ def lm_operators(model: torch.nn.Module, input_ids: torch.Tensor, method: str = 
       captured ``(q, k, v, gates)`` (``kind="memory"``);
     * :class:`~growmem.layers.attention.Attention` -> :func:`attention_operator` of its recomputed
       q, k (``kind="attention"``; verified against the layer's own output);
-    * anything else (deep memories called per segment, RMT, BMRU, unknown mixers) ->
+    * anything else (deep memories called per segment, BMRU, unknown mixers) ->
       :func:`layer_jacobian_operator` on the captured mixer input (``kind="layer_jacobian"``,
       a linearization; restrict ``jacobian_channels`` for long inputs).
+
+    A Recurrent Memory Transformer gives one operator for the whole model (``kind="model_jacobian"``,
+    :func:`rmt_jacobian_operator`): its memory passes between segments through every layer, so no
+    single layer's operator carries it.
     """
+    from growmem.models.rmt import RecurrentMemoryTransformer
+
     m = copy.deepcopy(model).to(dtype).eval()
+    if isinstance(m, RecurrentMemoryTransformer):
+        op = rmt_jacobian_operator(m, input_ids, jacobian_channels)
+        r = m.rmt
+        return [LayerOperator(0, f"rmt({'+'.join(dict.fromkeys(m.backbone.config.layer_mixers))})", "model_jacobian",
+                              op, m, {"d_model": m.backbone.config.d_model, "num_mem_tokens": r.num_mem_tokens,
+                                      "segment_len": r.segment_len})]
     records = capture_layers(m, input_ids)
     names = getattr(getattr(m, "config", None), "layer_mixers", None) or [type(lay.mixer).__name__ for lay in m.layers]
     out: list[LayerOperator] = []
