@@ -72,5 +72,20 @@ def test_plot_and_table_commands(two_sweeps, tmp_path, capsys):
                      "--filter", "task.options.num_kv_pairs=4"]) == 0
     assert "| gdn | 100-300 | 0.500 | 0.800 (0.700-0.900, n=2) |" in capsys.readouterr().out
     assert cli_main(["plot", "--results", a, "--filter", "model.mixer=gdn", "--out", str(tmp_path / "k.png")]) == 0
+    bars = plot_metric([a, b], "model.mixer", ["nope", "accuracy"], "model.d_model", tmp_path / "bars.png")
+    assert bars.read_bytes()[:4] == b"\x89PNG"  # categorical x: grouped bars; first metric a run has
+    with pytest.raises(ValueError, match="none of the columns"):
+        plot_metric(a, "model.mixer", ["nope"], "model.d_model", tmp_path / "x.png")
     assert cli_main(["table", "--results", a, "--filter", "model.mixer=none"]) == 2
     assert "match" in capsys.readouterr().err
+
+
+def test_a_cell_takes_the_first_metric_its_run_reports(tmp_path):
+    p = _write(tmp_path / "t.csv", [
+        {"variant.model": "rmt", "variant.task": "copy", "accuracy": "", "token_accuracy": 0.25},
+        {"variant.model": "rmt", "variant.task": "mqar", "accuracy": 0.5, "token_accuracy": ""},
+    ])
+    md = pivot_markdown(read_results(p), "variant.model", "variant.task", ["accuracy", "token_accuracy"])
+    assert "| rmt | 0.250 | 0.500 |" in md
+    with pytest.raises(ValueError, match="not in the results"):
+        pivot_markdown(read_results(p), "variant.model", "variant.task", ["nope", "nada"])

@@ -186,7 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     pl.add_argument("--filter", action="append", metavar="COLUMN=VALUE", help="keep only matching rows")
     pl.add_argument("--title", default=None)
     pl.add_argument("--x", default="task.options.num_kv_pairs")
-    pl.add_argument("--y", default="accuracy")
+    pl.add_argument("--y", nargs="+", default=["accuracy"],
+                    help="metric column(s); with several, each run's first reported one")
     pl.add_argument("--series", default="model.mixer")
     pl.add_argument("--logx", action="store_true")
     pl.add_argument("--runs", nargs="+", default=None, help="run folders for loss curves")
@@ -195,7 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     tb.add_argument("--results", nargs="+", required=True)
     tb.add_argument("--rows", default="model.mixer")
     tb.add_argument("--cols", default="task.options.num_kv_pairs")
-    tb.add_argument("--value", default="accuracy")
+    tb.add_argument("--value", nargs="+", default=["accuracy"],
+                    help="metric column(s); with several, each cell takes the first one its run reports")
     tb.add_argument("--filter", action="append", metavar="COLUMN=VALUE", help="keep only matching rows")
     tb.add_argument("--extra", nargs="*", default=["params"], help="columns shown beside the row label")
     tb.add_argument("--digits", type=int, default=3)

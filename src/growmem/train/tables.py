@@ -81,14 +81,25 @@ def _span(values: list[str]) -> str:
     return uniq[0] if len(uniq) == 1 else (f"{uniq[0]}-{uniq[-1]}" if uniq else "")
 
 
-def pivot_markdown(rows: list[dict[str, str]], row_key: str, col_key: str, value: str, digits: int = 3,
+def _value(r: dict[str, str], value: str | list[str]) -> str:
+    """The first non-empty of ``value``'s columns in row ``r`` ('' if none)."""
+    for v in [value] if isinstance(value, str) else value:
+        if r.get(v, "") != "":
+            return r[v]
+    return ""
+
+
+def pivot_markdown(rows: list[dict[str, str]], row_key: str, col_key: str, value: str | list[str], digits: int = 3,
                    extra: list[str] | None = None) -> str:
     """A markdown table: one line per value of ``row_key`` (in order of first appearance), one column per
-    value of ``col_key`` (sorted, numbers by value), cells ``value`` (mean over duplicates, with range).
+    value of ``col_key`` (sorted, numbers by value), cells ``value`` (mean over duplicates, with range;
+    a list of columns takes the first one a row has, e.g. ``["accuracy", "sequence_accuracy"]`` for tasks
+    with different metrics).
     ``extra`` columns (e.g. ``params``) are shown after the row label: their value on that line, or
     ``min-max`` where it differs between the line's cells (e.g. parameters across widths)."""
-    for k in (row_key, col_key, value):
-        if not any(k in r for r in rows):
+    values = [value] if isinstance(value, str) else list(value)
+    for k in (row_key, col_key, values):
+        if not any(any(c in r for c in k) if isinstance(k, list) else k in r for r in rows):
             raise ValueError(f"column {k!r} not in the results (columns: {sorted({c for r in rows for c in r})})")
     extra = extra or []
     labels = list(dict.fromkeys(r[row_key] for r in rows if r.get(row_key, "") != ""))
@@ -96,9 +107,9 @@ def pivot_markdown(rows: list[dict[str, str]], row_key: str, col_key: str, value
     cells: dict[tuple[str, str], list[float]] = {}
     extras: dict[tuple[str, str], list[str]] = {}
     for r in rows:
-        if r.get(row_key, "") == "" or r.get(col_key, "") == "" or r.get(value, "") == "":
+        if r.get(row_key, "") == "" or r.get(col_key, "") == "" or _value(r, value) == "":
             continue
-        cells.setdefault((r[row_key], r[col_key]), []).append(float(r[value]))
+        cells.setdefault((r[row_key], r[col_key]), []).append(float(_value(r, value)))
         for e in extra:
             if r.get(e, "") != "":
                 extras.setdefault((r[row_key], e), []).append(r[e])
@@ -111,11 +122,12 @@ def pivot_markdown(rows: list[dict[str, str]], row_key: str, col_key: str, value
     return "\n".join(lines) + "\n"
 
 
-def mean_by(rows: list[dict[str, str]], keys: tuple[str, ...], value: str) -> dict[tuple[str, ...], float]:
-    """Mean of ``value`` over rows sharing ``keys`` (used by plots to average seeds)."""
+def mean_by(rows: list[dict[str, str]], keys: tuple[str, ...], value: str | list[str]) -> dict[tuple[str, ...], float]:
+    """Mean of ``value`` (or the first of several columns a row has) over rows sharing ``keys`` (used by
+    plots to average seeds), in order of first appearance."""
     acc: dict[tuple[str, ...], list[float]] = {}
     for r in rows:
-        if any(r.get(k, "") == "" for k in keys) or r.get(value, "") == "":
+        if any(r.get(k, "") == "" for k in keys) or _value(r, value) == "":
             continue
-        acc.setdefault(tuple(r[k] for k in keys), []).append(float(r[value]))
+        acc.setdefault(tuple(r[k] for k in keys), []).append(float(_value(r, value)))
     return {k: sum(v) / len(v) for k, v in acc.items()}
