@@ -387,15 +387,17 @@ class CachedMemory(Memory):
         qs, os_ = q.split(sizes, 1), o_on.split(sizes, 1)
         if agg in ("res", "avg"):
             outs = []
-            running = None  # prefix sum of cached states (linear readout)
-            n_done = 0
+            # linear readout: read the running sum of the cached states (unbind, not slices, so the
+            # backward does not zero-fill a full-size gradient per piece)
+            states = cached.unbind(1) if lin else None
+            running, n_done = None, 0
             for qj, oj, n in zip(qs, os_, counts, strict=True):
                 if n == 0:
                     outs.append(oj)
                     continue
-                if lin:
-                    add = cached[:, n_done:n].sum(1)
-                    running = add if running is None else running + add
+                if states is not None:
+                    for i in range(n_done, n):
+                        running = states[i] if running is None else running + states[i]
                     n_done = n
                     r = self.base.read(running[:, None], qj)[:, :, 0]
                 else:
