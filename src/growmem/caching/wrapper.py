@@ -376,8 +376,8 @@ class CachedMemory(Memory):
 
     def _aggregate(self, q, u, o_on, pool_on, cached, pools, n0, pieces, contexts=None):
         agg = self.aggregation
-        if pools is None:  # nothing cached anywhere in this window: every variant is the base memory
-            return o_on
+        if pools is None or n0 + len(pieces) - 1 == 0:
+            return o_on  # no token of this window sees a cached memory: every variant is the base memory
         if agg == "ssc":
             return self._ssc(q, u, o_on, pool_on, cached, pools, n0, pieces)
         # torch.split, not slicing: a slice's backward fills a zero tensor of the full size, per piece
