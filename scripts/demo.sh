@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Set up (fresh machine OK) and run the demo: a tiny byte-level LM trained for a few seconds.
+# Set up (fresh machine OK) and run the demo: MQAR with a recurrent memory, its Memory-Caching (GRM)
+# version and a Transformer (see README; ~10 min on 2 cores).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
