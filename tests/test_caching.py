@@ -8,9 +8,12 @@ import dataclasses
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from growmem.caching import CachedMemory, MCConfig, MCState, SegmentPlan, log_plan
 from growmem.caching.reference import naive_memory_caching
+from growmem.caching.wrapper import _ssc_groups
 from growmem.memories import (
     DeltaNetMemory,
     GatedDeltaNetMemory,
@@ -295,3 +298,28 @@ def test_all_gradients_match_reference(base_cls, agg, top_k):
                                                                                   g, u)), leaves)
     for a, b in zip(gy, gr, strict=True):
         assert rel_err(a, b) < 1e-10
+
+
+@settings(max_examples=40, deadline=None)
+@given(B=st.integers(1, 2), T=st.integers(1, 9), H=st.integers(1, 3), k=st.integers(1, 3), N=st.integers(1, 5),
+       seed=st.integers(0, 10_000))
+def test_ssc_groups_cover_every_selection_once(B, T, H, k, N, seed):
+    # random selections: distinct memory ids per (b, t, h) or -1 (unused slot)
+    g = torch.Generator().manual_seed(seed)
+    sel = torch.full((B, T, H, k), -1, dtype=torch.long)
+    for b in range(B):
+        for t in range(T):
+            for h in range(H):
+                n = int(torch.randint(0, min(k, N) + 1, (1,), generator=g))
+                sel[b, t, h, :n] = torch.randperm(N, generator=g)[:n]
+    want = {((b * T + t) * H + h, j, int(sel[b, t, h, j])) for b in range(B) for t in range(T) for h in range(H)
+            for j in range(k) if sel[b, t, h, j] >= 0}
+    got = []
+    for i, c, rq, rw, ok in _ssc_groups(sel, N):
+        assert rq.shape == rw.shape == ok.shape == (B, H, c) and ok.any()
+        for row_q, row_w in zip(rq[ok].tolist(), rw[ok].tolist(), strict=True):
+            assert row_w // k == row_q  # the weight row belongs to the same (b, t, h)
+            got.append((row_q, row_w % k, i))
+        assert all(r // (T * H) == b for b in range(B) for r in rq[b][ok[b]].tolist())
+        assert all(r % H == h for h in range(H) for r in rq[:, h][ok[:, h]].tolist())  # stays in its head
+    assert len(got) == len(set(got)) and set(got) == want
