@@ -417,7 +417,7 @@ class CachedMemory(Memory):
                                                      strict=True)):
             if n == 0:
                 outs.append(oj)
-            elif agg == "soup":
+            elif agg == "soup" and not self.linear_readout:  # (linear readout: Soup = GRM, below)
                 outs.append(self.base.soup_read(qj, oj, gon, _slice1(cached, 0, n), gc[..., :n], online=contexts[j]))
             else:
                 r = (self.base.read(_slice1(cached, 0, n), qj) * gc[..., :n].permute(0, 1, 3, 2)[..., None]).sum(2)
