@@ -401,10 +401,13 @@ def test_curriculum_knobs_of_the_synthetic_tasks():
 
 
 def test_early_stop_waits_for_the_last_curriculum_stage(tmp_path):
-    # target 0 is met at every evaluation; the first one (step 3) is before the last stage (step 4)
-    out = Trainer(_exp(tmp_path, steps=9, early_stop_metric="token_accuracy", early_stop_target=0.0),
-                  quiet=True).fit()
-    assert out["stopped_early"] and out["step"] == 6
+    # target 0 is met at every evaluation; the one at step 3 measures the task as trained in step 3,
+    # i.e. still at the first stage (the last stage starts with step 4), so the stop comes at step 6
+    for name, cur in (("a", [[0, 3], [2, 8], [4, 12]]), ("b", [[0, 3], [3, 12]])):
+        t = Trainer(_exp(tmp_path, name, steps=9, early_stop_metric="token_accuracy", early_stop_target=0.0,
+                         curriculum=cur), quiet=True)
+        out = t.fit()
+        assert out["stopped_early"] and out["step"] == 6 and t.task.config.length == 12
 
 
 def test_sweep_variant_axes_and_the_shipped_rmt_sweep(tmp_path):

@@ -164,8 +164,9 @@ class Trainer:
     def _apply_curriculum(self) -> None:
         cur = self.cfg.train.curriculum
         if cur and hasattr(self.task, "set_curriculum"):
-            value = [v for s, v in cur if s <= self.step][-1]
-            self.task.set_curriculum(value)
+            stages = [i for i, (s, _) in enumerate(cur) if s <= self.step]
+            self._stage = stages[-1]
+            self.task.set_curriculum(cur[self._stage][1])
 
     def evaluate(self) -> dict[str, float]:
         """The task's metrics on held-out samples (fixed seed), in eval mode."""
@@ -190,8 +191,8 @@ class Trainer:
             raise ValueError(f"early_stop_metric {tc.early_stop_metric!r} is not reported by the task "
                              f"(it reports {sorted(metrics)})")
         cur = tc.curriculum
-        if cur and hasattr(self.task, "set_curriculum") and self.step < max(s for s, _ in cur):
-            return False  # a target met on an easier curriculum stage says nothing about the final task
+        if cur and hasattr(self.task, "set_curriculum") and getattr(self, "_stage", -1) != len(cur) - 1:
+            return False  # the task was evaluated at an easier stage: says nothing about the final task
         val, target = metrics[tc.early_stop_metric], tc.early_stop_target
         return val >= target if tc.early_stop_mode == "max" else val <= target
 
