@@ -64,6 +64,38 @@ def main() -> None:
         lines.append(f"| {r['run']} | {r['accuracy']:.3f} | {r['params']} | {r['ess_tol']:.2f} | "
                      f"{r['ess_entropy']:.2f} | {r['ess_per_width']:.3f} | {r['kinds']} |")
     print("\n".join(lines))
+    ok = [r for r in rows if r["accuracy"] == r["accuracy"]]  # not NaN
+    if len(ok) >= 3:
+        acc = [r["accuracy"] for r in ok]
+        print(f"\nSpearman rank correlation with accuracy over {len(ok)} runs: "
+              + ", ".join(f"{name} {spearman([r[key] for r in ok], acc):+.2f}"
+                          for name, key in (("tolerance-ESS", "ess_tol"), ("entropy-ESS", "ess_entropy"),
+                                            ("ESS/d_model", "ess_per_width"), ("params", "params"))))
+
+
+def _ranks(x: list[float]) -> list[float]:
+    """Ranks 1..n, ties sharing their mean rank."""
+    order = sorted(range(len(x)), key=lambda i: x[i])
+    r = [0.0] * len(x)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and x[order[j + 1]] == x[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            r[order[k]] = (i + j) / 2 + 1
+        i = j + 1
+    return r
+
+
+def spearman(x: list[float], y: list[float]) -> float:
+    """Spearman's rank correlation (Pearson correlation of the ranks)."""
+    rx, ry = _ranks(x), _ranks(y)
+    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
+    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry, strict=True))
+    vx = sum((a - mx) ** 2 for a in rx) ** 0.5
+    vy = sum((b - my) ** 2 for b in ry) ** 0.5
+    return cov / (vx * vy) if vx and vy else float("nan")
 
 
 if __name__ == "__main__":
