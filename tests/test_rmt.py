@@ -438,3 +438,16 @@ def test_sweep_variant_axes_and_the_shipped_rmt_sweep(tmp_path):
         SweepConfig(grid={"variant": ["nope"]})
     with pytest.raises(ValueError, match="variant.task names"):
         SweepConfig(variants={"a": {}}, grid={"variant.model": ["a"], "variant.task": ["a", "nope"]})
+
+
+@pytest.mark.parametrize("bad, match", [(dict(max_new_tokens=-1), "max_new_tokens"),
+                                        (dict(temperature=-0.5), "temperature"), (dict(top_k=0), "top_k")])
+def test_generate_refuses_bad_arguments(bad, match):
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=12, d_model=16, n_layers=1, num_heads=2, mixer="attn")
+    ids = torch.randint(0, 12, (1, 5))
+    args = dict(max_new_tokens=2, temperature=1.0, top_k=None) | bad
+    for model in (CausalLM(cfg), build_model(dataclasses.replace(cfg, rmt=RMTConfig(num_mem_tokens=1,
+                                                                                     segment_len=4)))):
+        with pytest.raises(ValueError, match=match):
+            model.generate(ids, **args)

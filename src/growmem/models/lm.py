@@ -124,12 +124,7 @@ class CausalLM(nn.Module):
         with the mixers' caches. ``temperature == 0`` is greedy; otherwise sample from
         ``softmax(logits / temperature)`` restricted to the ``top_k`` most likely tokens.
         Returns ``[B, T + max_new_tokens]``."""
-        if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
-        if top_k is not None and top_k < 1:
-            raise ValueError(f"top_k must be >= 1, got {top_k}")
+        self.check_generate_args(max_new_tokens, temperature, top_k)
         cache0 = self.new_cache(input_ids.shape[0], input_ids.shape[1] + max_new_tokens)
         out = self(input_ids, cache=cache0, use_cache=True)
         seq = [input_ids.long()]
@@ -142,6 +137,16 @@ class CausalLM(nn.Module):
                 out = self(nxt[:, None], cache=cache, use_cache=True)
                 cache, logits = out.cache, out.logits[:, -1]
         return torch.cat(seq, dim=1)
+
+    @staticmethod
+    def check_generate_args(max_new_tokens: int, temperature: float, top_k: int | None) -> None:
+        """Refuse ``max_new_tokens < 0``, ``temperature < 0`` or ``top_k < 1`` with a clear error."""
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        if top_k is not None and top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {top_k}")
 
     @staticmethod
     def _pick(logits: torch.Tensor, temperature: float, top_k: int | None,

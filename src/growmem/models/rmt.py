@@ -329,12 +329,7 @@ class RecurrentMemoryTransformer(nn.Module):
         ``temperature == 0`` is greedy; otherwise sample ``softmax(logits / temperature)`` restricted to
         the ``top_k`` most likely tokens (as :meth:`CausalLM.generate`).
         """
-        if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
-        if top_k is not None and top_k < 1:
-            raise ValueError(f"top_k must be >= 1, got {top_k}")
+        CausalLM.check_generate_args(max_new_tokens, temperature, top_k)
         self.check_ids(input_ids)
         self._check_segments(input_ids.shape[1] + max_new_tokens)
         ids = input_ids.long()
