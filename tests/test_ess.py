@@ -483,3 +483,13 @@ def test_rmt_operator_is_the_whole_model_linearization():
         ess[m] = effective_state_size(lo.operator, pos, tol=1e-8).rank.mean().item()
     assert ess[0] == 0.0  # without memory tokens nothing crosses a segment boundary
     assert ess[2] > 0.0
+
+
+def test_ess_command_wraps_a_fresh_model_in_an_rmt(tmp_path, capsys):
+    out = tmp_path / "rmt"
+    assert main(["--model", "attn", "--rmt", "2,8", "--d-model", "16", "--num-heads", "2", "--seq-len", "24",
+                 "--stride", "8", "--jacobian-channels", "2", "--no-plot", "--out", str(out)]) == 0
+    res = json.loads((out / "ess.json").read_text())
+    assert [e["kind"] for e in res["layers"]] == ["model_jacobian"]
+    assert main(["--model", "attn", "--rmt", "2", "--seq-len", "24", "--out", str(tmp_path / "bad")]) == 2
+    assert "--rmt must look like M,L" in capsys.readouterr().out
