@@ -1,4 +1,7 @@
-"""Tests of growmem.ops.delta_rule: chunked (WY) vs naive loop vs single-token steps."""
+"""Tests of growmem.ops.delta_rule: chunked (WY) vs naive loop vs single-token steps.
+
+Every test runs twice: with the fused CPU forward kernel (growmem.ops._native; float32 / float64) and
+with the eager PyTorch forward (``GROWMEM_NATIVE=0``). The backward is the same in both."""
 
 from __future__ import annotations
 
@@ -15,8 +18,19 @@ from growmem.ops.delta_rule import (
     step_delta_rule,
     step_gated_delta_rule,
 )
+from helpers import require_native
 
 F64 = torch.float64
+
+
+@pytest.fixture(autouse=True, params=["native", "eager"])
+def forward_backend(request, monkeypatch):
+    """Run the test with the fused forward kernel, then with the eager forward."""
+    if request.param == "eager":
+        monkeypatch.setenv("GROWMEM_NATIVE", "0")
+    else:
+        require_native()
+    return request.param
 
 
 def rel(a, b):

@@ -78,6 +78,7 @@ def test_wheel_installs_and_imports_with_declared_dependencies_only(tmp_path):
         names = zf.namelist()
         meta = zf.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
     assert "growmem/hf/lm_eval_adapter.py" in names and "growmem/models/lm.py" in names
+    assert "growmem/ops/_kernels/delta_rule_fwd.cpp" in names  # the fused kernel's source ships
     requires = [line.split(":", 1)[1].strip() for line in meta.splitlines() if line.startswith("Requires-Dist:")]
     core = sorted(r.split(">")[0].split("=")[0].split("<")[0].strip() for r in requires if "extra ==" not in r)
     assert core == ["numpy", "torch"]
@@ -99,6 +100,9 @@ import torch
 assert growmem.__file__.startswith(sys.argv[1]), growmem.__file__
 m = growmem.models.CausalLM(growmem.models.ModelConfig(d_model=16, num_heads=2, n_layers=1, mixer="gdn+grm"))
 assert m(torch.zeros(1, 5, dtype=torch.long)).logits.shape == (1, 5, 256)
+import shutil
+from growmem.ops import _native
+assert _native.native_available() or not shutil.which("g++"), _native._error  # the installed kernel source builds
 bad = [k for k in sys.modules if k.split(".")[0] in ("transformers", "lm_eval", "safetensors", "yaml")
        or k.startswith("growmem.hf")]
 assert not bad, bad

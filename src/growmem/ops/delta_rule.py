@@ -63,11 +63,13 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from growmem.ops._native import delta_rule_forward
 from growmem.ops.gla import (
     _blocks,
     _chunk_gates,
     _chunks_per_block,
     _decay_matrix,
+    _factor_limit,
     _Gates,
     _gather,
     _reverse_cumsum,
@@ -375,6 +377,11 @@ class _DeltaRuleFunction(torch.autograd.Function):
         else:
             states[0].copy_(s0.reshape(N, K, V))
         o = q.new_empty(B, T, H, V)
+        ctx.scale, ctx.C, ctx.has_s0 = scale, C, s0 is not None
+        ctx.set_materialize_grads(False)
+        if ct == q.dtype and delta_rule_forward(q, k, v, g, beta, states, o, scale, C, _factor_limit(ct)):
+            ctx.save_for_backward(q, k, v, g, beta, states)
+            return o, states  # the fused CPU kernel ran (growmem.ops._native)
         S = states.unbind(0)
         beta_c = _gather(beta, 0, NC, C, ct)  # [NC * N, C]
         gates = None if g is None else _chunk_gates(g, NC, C, ct, ct)
@@ -397,8 +404,6 @@ class _DeltaRuleFunction(torch.autograd.Function):
             ob = torch.baddbmm(torch.bmm(blk.qg, Sb), blk.P, u.view(-1, C, V), beta=scale, alpha=scale)
             _scatter(o, ob, c0, c1, C)
         ctx.save_for_backward(q, k, v, g, beta, states)
-        ctx.scale, ctx.C, ctx.has_s0 = scale, C, s0 is not None
-        ctx.set_materialize_grads(False)
         return o, states
 
     @staticmethod

@@ -1,0 +1,169 @@
+"""The optional fused CPU kernels (growmem.ops._native): they run where they apply, equal the eager path
+and the per-token reference, do not depend on the thread count, and fall back cleanly (or fail loudly
+when asked to) where they cannot be built."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import growmem.ops.delta_rule as dr
+from growmem.ops import _native
+from growmem.ops.gla import _factor_limit
+from helpers import rel_err, require_native
+
+
+def _inputs(B, T, H, K, V, dtype, gated=True, seed=0, decay=2.0):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, T, H, K, generator=gen, dtype=dtype)
+    k = F.normalize(torch.randn(B, T, H, K, generator=gen, dtype=dtype), dim=-1)
+    v = torch.randn(B, T, H, V, generator=gen, dtype=dtype)
+    g = F.logsigmoid(torch.randn(B, T, H, generator=gen, dtype=dtype) + decay) if gated else None
+    beta = torch.sigmoid(torch.randn(B, T, H, generator=gen, dtype=dtype))
+    s0 = torch.randn(B, H, K, V, generator=gen, dtype=dtype)
+    return q, k, v, g, beta, s0
+
+
+def _kernel(q, k, v, g, beta, s0, C, scale=0.3):
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    NC = -(-T // C)
+    states = q.new_empty(NC + 1, B * H, K, V)
+    states[0] = s0.reshape(B * H, K, V)
+    o = q.new_full((B, T, H, V), float("nan"))
+    ran = _native.delta_rule_forward(q, k, v, g, beta, states, o, scale, C, _factor_limit(q.dtype))
+    return ran, o, states
+
+
+def _eager(monkeypatch, q, k, v, g, beta, s0, C, scale=0.3):
+    with monkeypatch.context() as m:
+        m.setenv("GROWMEM_NATIVE", "0")
+        if g is None:
+            return dr.chunk_delta_rule(q, k, v, beta, scale=scale, initial_state=s0, output_final_state=True,
+                                       chunk_size=C, return_chunk_states=True)
+        return dr.chunk_gated_delta_rule(q, k, v, g, beta, scale=scale, initial_state=s0, output_final_state=True,
+                                         chunk_size=C, return_chunk_states=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("gated", [True, False])
+@pytest.mark.parametrize("T,C", [(300, 64), (64, 64), (1, 64), (77, 16)])
+def test_kernel_equals_eager_path(monkeypatch, dtype, gated, T, C):
+    require_native()
+    q, k, v, g, beta, s0 = _inputs(2, T, 3, 32, 48, dtype, gated, seed=T + C)
+    ran, o, states = _kernel(q, k, v, g, beta, s0, C)
+    assert ran
+    o_ref, S_ref, cs_ref = _eager(monkeypatch, q, k, v, g, beta, s0, C)
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    assert rel_err(o, o_ref) < tol
+    assert rel_err(states[1:].view(-1, 2, 3, 32, 48).transpose(0, 1), cs_ref) < tol
+    assert rel_err(states[-1].view(2, 3, 32, 48), S_ref) < tol
+
+
+def test_kernel_strong_decay_chunks_match_reference():
+    """Chunks that decay beyond the factoring limit form the decay matrix (exponents <= 0); mixed with
+    factored chunks in one sequence, the result still equals the per-token loop."""
+    require_native()
+    q, k, v, g, beta, s0 = _inputs(1, 90, 2, 8, 8, torch.float64, seed=3)
+    g = g.clone()
+    g[:, 16:32] = -20.0  # 16 x 20 = 320 > the float64 limit (~177)
+    assert _factor_limit(torch.float64) < 16 * 20
+    ran, o, states = _kernel(q, k, v, g, beta, s0, 16)
+    assert ran
+    o_ref, S_ref = dr.naive_gated_delta_rule(q, k, v, g, beta, scale=0.3, initial_state=s0, output_final_state=True)
+    assert rel_err(o, o_ref) < 1e-12
+    assert rel_err(states[-1].view(1, 2, 8, 8), S_ref) < 1e-12
+
+
+def test_kernel_result_does_not_depend_on_thread_count():
+    require_native()
+    q, k, v, g, beta, s0 = _inputs(1, 200, 5, 16, 16, torch.float32, seed=1)
+    results = []
+    prev = torch.get_num_threads()
+    try:
+        for n in (1, 2, 3, 8):
+            torch.set_num_threads(n)
+            results.append(_kernel(q, k, v, g, beta, s0, 32))
+    finally:
+        torch.set_num_threads(prev)
+    for ran, o, states in results:
+        assert ran
+        assert torch.equal(o, results[0][1]) and torch.equal(states, results[0][2])
+
+
+def test_kernel_accepts_non_contiguous_inputs(monkeypatch):
+    require_native()
+    q, k, v, g, beta, s0 = _inputs(2, 50, 2, 8, 8, torch.float32, seed=5)
+    qt = q.transpose(0, 1).contiguous().transpose(0, 1)  # same values, other strides
+    assert not qt.is_contiguous()
+    ran, o, _ = _kernel(qt, k, v, g, beta, s0, 16)
+    assert ran
+    assert rel_err(o, _eager(monkeypatch, q, k, v, g, beta, s0, 16)[0]) < 1e-5
+
+
+def test_chunk_op_runs_the_kernel_and_its_gradients_match_the_reference(monkeypatch):
+    """The public op goes through the kernel for float32/float64 CPU inputs; the backward (eager,
+    recomputing from the kernel's saved chunk states) gives the reference gradients."""
+    require_native()
+    calls = []
+
+    def spy(*a, **kw):
+        calls.append(_native.delta_rule_forward(*a, **kw))
+        return calls[-1]
+
+    monkeypatch.setattr(dr, "delta_rule_forward", spy)
+    ins = [x.requires_grad_(True) for x in _inputs(1, 45, 2, 6, 5, torch.float64, seed=9)]
+    q, k, v, g, beta, s0 = ins
+    o, S = dr.chunk_gated_delta_rule(q, k, v, g, beta, initial_state=s0, output_final_state=True, chunk_size=8)
+    assert calls == [True]
+    o_ref, S_ref = dr.naive_gated_delta_rule(q, k, v, g, beta, initial_state=s0, output_final_state=True)
+    w = torch.randn_like(o)
+    grads = torch.autograd.grad((o * w).sum() + S.sum(), ins)
+    grads_ref = torch.autograd.grad((o_ref * w).sum() + S_ref.sum(), ins)
+    for a, b in zip(grads, grads_ref, strict=True):
+        assert rel_err(a, b) < 1e-10
+
+
+def test_kernel_declines_what_it_does_not_cover(monkeypatch):
+    q, k, v, g, beta, s0 = _inputs(1, 10, 1, 4, 4, torch.float32)
+    bf = [x.bfloat16() for x in (q, k, v, g, beta, s0)]
+    ran, o, _ = _kernel(*bf, 4)
+    assert not ran and torch.isnan(o).all()  # nothing written
+    mixed = _kernel(q, k, v, g.double(), beta, s0, 4)
+    assert not mixed[0]
+    monkeypatch.setenv("GROWMEM_NATIVE", "0")
+    assert not _native.native_enabled() and not _native.native_available()
+    ran, o, _ = _kernel(q, k, v, g, beta, s0, 4)
+    assert not ran and torch.isnan(o).all()
+
+
+def test_failed_build_falls_back_with_a_warning_or_raises_when_required(monkeypatch, tmp_path):
+    monkeypatch.setattr(_native, "_lib", None)
+    monkeypatch.setattr(_native, "_error", None)
+    monkeypatch.setenv("GROWMEM_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.setenv("CXX", "false")  # a "compiler" that always fails
+    q, k, v, g, beta, s0 = _inputs(1, 20, 2, 4, 4, torch.float32, seed=2)
+    with pytest.warns(RuntimeWarning, match="eager path"):
+        o, _ = dr.chunk_gated_delta_rule(q, k, v, g, beta, initial_state=s0, chunk_size=8)
+    o_ref, _ = dr.naive_gated_delta_rule(q, k, v, g, beta, initial_state=s0)
+    assert rel_err(o, o_ref) < 1e-5
+    assert not _native.native_available() and "failed" in _native._error
+    assert list(tmp_path.iterdir()) == []  # no half-written library left behind
+    monkeypatch.setattr(_native, "_error", None)
+    monkeypatch.setenv("GROWMEM_NATIVE", "1")
+    with pytest.raises(_native.NativeBuildError, match="failed"):
+        dr.chunk_gated_delta_rule(q, k, v, g, beta, chunk_size=8)
+
+
+def test_kernel_is_built_once_and_reused(monkeypatch, tmp_path):
+    require_native()
+    monkeypatch.setattr(_native, "_lib", None)
+    monkeypatch.setattr(_native, "_error", None)
+    monkeypatch.setenv("GROWMEM_KERNEL_CACHE", str(tmp_path))
+    assert _native.native_available()
+    (built,) = tmp_path.iterdir()
+    stamp = built.stat().st_mtime_ns
+    monkeypatch.setattr(_native, "_lib", None)
+    assert _native.native_available()
+    assert [p.name for p in tmp_path.iterdir()] == [built.name] and built.stat().st_mtime_ns == stamp
