@@ -78,7 +78,7 @@ def test_wheel_installs_and_imports_with_declared_dependencies_only(tmp_path):
         names = zf.namelist()
         meta = zf.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
     assert "growmem/hf/lm_eval_adapter.py" in names and "growmem/models/lm.py" in names
-    assert "growmem/ops/_kernels/delta_rule_fwd.cpp" in names  # the fused kernel's source ships
+    assert "growmem/ops/_kernels/delta_rule.cpp" in names  # the fused kernel's source ships
     requires = [line.split(":", 1)[1].strip() for line in meta.splitlines() if line.startswith("Requires-Dist:")]
     core = sorted(r.split(">")[0].split("=")[0].split("<")[0].strip() for r in requires if "extra ==" not in r)
     assert core == ["numpy", "torch"]

@@ -1,5 +1,9 @@
 """Optional fused CPU kernels, compiled on first use (a C++ compiler is needed; none is required).
 
+Today: the forward and backward of the chunked (gated) delta rule (``growmem/ops/_kernels/delta_rule.cpp``,
+used by :func:`growmem.ops.delta_rule.chunk_delta_rule` / ``chunk_gated_delta_rule`` and so by every
+DeltaNet / Gated DeltaNet layer, Memory Caching wrapper and model on CPU).
+
 The kernels in ``growmem/ops/_kernels/*.cpp`` are plain C++ with a C interface: no torch headers, so
 a build takes a second or two, not the minute of a ``torch.utils.cpp_extension`` build. Their matrix
 products call the BLAS inside the torch library (``sgemm_`` / ``dgemm_`` of the MKL that x86 builds
@@ -31,9 +35,9 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["NativeBuildError", "delta_rule_forward", "native_available", "native_enabled"]
+__all__ = ["NativeBuildError", "delta_rule_backward", "delta_rule_forward", "native_available", "native_enabled"]
 
-_SRC = Path(__file__).with_name("_kernels") / "delta_rule_fwd.cpp"
+_SRC = Path(__file__).with_name("_kernels") / "delta_rule.cpp"
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _error: str | None = None
@@ -72,7 +76,7 @@ def _build() -> ctypes.CDLL:
     flags = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-pthread", "-fno-math-errno"]
     key = hashlib.sha256(b"\0".join([src, torch.__version__.encode(), _cpu_model().encode(), compiler.encode(),
                                      " ".join(flags).encode()])).hexdigest()[:16]
-    out = _cache_dir() / f"delta_rule_fwd-{key}.so"
+    out = _cache_dir() / f"delta_rule-{key}.so"
     if not out.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
@@ -88,10 +92,11 @@ def _build() -> ctypes.CDLL:
                 os.unlink(tmp)
     lib = ctypes.CDLL(str(out))
     i64, dbl, ptr = ctypes.c_int64, ctypes.c_double, ctypes.c_void_p
-    for name in ("growmem_delta_rule_fwd_f32", "growmem_delta_rule_fwd_f64"):
-        fn = getattr(lib, name)
-        fn.restype = ctypes.c_int
-        fn.argtypes = [ptr] * 7 + [i64] * 6 + [dbl, dbl, ctypes.c_int]
+    for sfx in ("f32", "f64"):
+        fwd, bwd = getattr(lib, f"growmem_delta_rule_fwd_{sfx}"), getattr(lib, f"growmem_delta_rule_bwd_{sfx}")
+        fwd.restype = bwd.restype = ctypes.c_int
+        fwd.argtypes = [ptr] * 7 + [i64] * 6 + [dbl, dbl, ctypes.c_int]
+        bwd.argtypes = [ptr] * 14 + [i64] * 6 + [dbl, dbl, ctypes.c_int]
     return lib
 
 
@@ -121,33 +126,73 @@ def _ptr(x: torch.Tensor | None) -> int | None:
     return None if x is None else x.data_ptr()
 
 
+def _applies(tensors: tuple[torch.Tensor, ...], outs: tuple[torch.Tensor, ...]) -> ctypes.CDLL | None:
+    """The loaded library if the kernels cover these inputs (one float32/float64 dtype, CPU, outputs
+    contiguous), else ``None``."""
+    dt, dev = tensors[0].dtype, tensors[0].device
+    if dt not in (torch.float32, torch.float64) or dev.type != "cpu" or not native_enabled():
+        return None
+    if any(x.dtype != dt or x.device != dev for x in (*tensors, *outs)) or not all(x.is_contiguous() for x in outs):
+        return None
+    return _load()
+
+
 def delta_rule_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor | None,
                        beta: torch.Tensor, states: torch.Tensor, o: torch.Tensor, scale: float, C: int,
                        limit: float) -> bool:
     """Run the fused chunked (gated) delta-rule forward if it applies; return whether it ran.
 
     ``q, k: [B, T, H, K]``, ``v: [B, T, H, V]``, ``g`` (or ``None``), ``beta: [B, T, H]``, CPU tensors of
-    one dtype (float32 or float64; made contiguous here); ``states: [NC + 1, B * H, K, V]`` with ``states[0]``
-    set, and ``o: [B, T, H, V]``, both written. ``limit``: the largest chunk log decay for which the
-    decay matrix may be factored (:func:`growmem.ops.gla._factor_limit`). Returns ``False`` without
-    touching anything when the kernel does not apply (other dtype or device, disabled, not built).
+    one dtype (float32 or float64; made contiguous here); ``states: [NC + 1, B * H, K, V]`` with
+    ``states[0]`` set, and ``o: [B, T, H, V]``, both written. ``limit``: the largest chunk log decay for
+    which the decay matrix may be factored (:func:`growmem.ops.gla._factor_limit`). Returns ``False``
+    without touching anything when the kernel does not apply (other dtype or device, disabled, not built).
     """
-    dt = q.dtype
-    if dt not in (torch.float32, torch.float64) or q.device.type != "cpu" or not native_enabled():
-        return False
     ins = (q, k, v, beta) if g is None else (q, k, v, g, beta)
-    if any(x.dtype != dt or x.device != q.device for x in ins) or not (states.is_contiguous() and o.is_contiguous()):
-        return False
-    lib = _load()
+    lib = _applies(ins, (states, o))
     if lib is None:
         return False
     q, k, v, beta = (x.contiguous() for x in (q, k, v, beta))
     g = None if g is None else g.contiguous()
     B, T, H, K = q.shape
     V = v.shape[-1]
-    fn = lib.growmem_delta_rule_fwd_f32 if dt == torch.float32 else lib.growmem_delta_rule_fwd_f64
+    fn = lib.growmem_delta_rule_fwd_f32 if q.dtype == torch.float32 else lib.growmem_delta_rule_fwd_f64
     rc = fn(_ptr(q), _ptr(k), _ptr(v), _ptr(g), _ptr(beta), _ptr(states), _ptr(o), B, T, H, K, V, C,
             float(scale), float(limit), torch.get_num_threads())
     if rc != 0:
         raise RuntimeError(f"growmem delta-rule kernel failed (code {rc})")
     return True
+
+
+def delta_rule_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor | None,
+                        beta: torch.Tensor, states: torch.Tensor, do: torch.Tensor, dstates: torch.Tensor | None,
+                        scale: float, C: int, limit: float) -> tuple[torch.Tensor, ...] | None:
+    """The fused backward of :func:`delta_rule_forward`, or ``None`` where it does not apply.
+
+    ``states``: the forward's ``[NC + 1, B * H, K, V]`` chunk states; ``do: [B, T, H, V]`` and ``dstates``
+    (same shape as ``states``, or ``None``) the incoming grads. Returns ``(dq, dk, dv, dg, dbeta, ds0)``
+    with ``dg = None`` without gate and ``ds0: [B * H, K, V]`` the grad of ``states[0]``. Per chunk, in
+    reverse, the block quantities are recomputed from the inputs and the saved state and the adjoint
+    recurrence of ``_DeltaRuleFunction.backward`` runs (the triangular systems by substitution).
+    """
+    ins = (q, k, v, beta, states, do) if g is None else (q, k, v, g, beta, states, do)
+    if dstates is not None:
+        ins = (*ins, dstates)
+    lib = _applies(ins, ())
+    if lib is None:
+        return None
+    q, k, v, beta, states, do = (x.contiguous() for x in (q, k, v, beta, states, do))
+    g = None if g is None else g.contiguous()
+    dstates = None if dstates is None else dstates.contiguous()
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    dq, dk, dv, dbeta = (torch.empty_like(x) for x in (q, k, v, beta))
+    dg = None if g is None else torch.empty_like(g)
+    ds0 = states.new_empty(B * H, K, V)
+    fn = lib.growmem_delta_rule_bwd_f32 if q.dtype == torch.float32 else lib.growmem_delta_rule_bwd_f64
+    rc = fn(_ptr(q), _ptr(k), _ptr(v), _ptr(g), _ptr(beta), _ptr(states), _ptr(do), _ptr(dstates), _ptr(dq),
+            _ptr(dk), _ptr(dv), _ptr(dg), _ptr(dbeta), _ptr(ds0), B, T, H, K, V, C, float(scale), float(limit),
+            torch.get_num_threads())
+    if rc != 0:
+        raise RuntimeError(f"growmem delta-rule kernel failed (code {rc})")
+    return dq, dk, dv, dg, dbeta, ds0
