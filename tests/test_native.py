@@ -4,6 +4,8 @@ when asked to) where they cannot be built."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -241,3 +243,14 @@ def test_backward_kernel_float64_gradcheck():
         return o, S
 
     assert torch.autograd.gradcheck(f, ins)
+
+
+def test_unwritable_cache_folder_falls_back_to_the_temporary_folder(monkeypatch, tmp_path):
+    require_native()
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    monkeypatch.setattr(_native, "_lib", None)
+    monkeypatch.setattr(_native, "_error", None)
+    monkeypatch.setenv("GROWMEM_KERNEL_CACHE", str(blocker / "kernels"))  # mkdir fails under a file
+    assert _native.native_available()
+    assert Path(_native._lib._name).parent.name.startswith("growmem-kernels-")

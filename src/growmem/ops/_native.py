@@ -5,13 +5,14 @@ used by :func:`growmem.ops.delta_rule.chunk_delta_rule` / ``chunk_gated_delta_ru
 DeltaNet / Gated DeltaNet layer, Memory Caching wrapper and model on CPU).
 
 The kernels in ``growmem/ops/_kernels/*.cpp`` are plain C++ with a C interface: no torch headers, so
-a build takes a second or two, not the minute of a ``torch.utils.cpp_extension`` build. Their matrix
+a build takes a few seconds, not the minute of a ``torch.utils.cpp_extension`` build. Their matrix
 products call the BLAS inside the torch library (``sgemm_`` / ``dgemm_`` of the MKL that x86 builds
 of torch carry), so the shared object is linked against ``libtorch_cpu``. It is built once per
 source version, torch version and CPU model into ``$GROWMEM_KERNEL_CACHE`` (default
-``~/.cache/growmem/kernels``), written under a temporary name and renamed into place (concurrent
-processes never load a half-written file), and loaded with :mod:`ctypes` (foreign calls release the
-GIL; the kernel runs its own worker threads, ``torch.get_num_threads()`` of them).
+``~/.cache/growmem/kernels``; a folder in the system's temporary folder if that one is not
+writable), written under a temporary name and renamed into place (concurrent processes never load a
+half-written file), and loaded with :mod:`ctypes` (foreign calls release the GIL; the kernel runs its
+own worker threads, ``torch.get_num_threads()`` of them).
 
 If anything fails (no compiler, a torch build without those BLAS symbols, a non-CPU tensor), the
 callers use their eager PyTorch path, which computes the same function; :func:`native_available`
@@ -76,10 +77,16 @@ def _build() -> ctypes.CDLL:
     flags = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-pthread", "-fno-math-errno"]
     key = hashlib.sha256(b"\0".join([src, torch.__version__.encode(), _cpu_model().encode(), compiler.encode(),
                                      " ".join(flags).encode()])).hexdigest()[:16]
-    out = _cache_dir() / f"delta_rule-{key}.so"
-    if not out.exists():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+    fallback = Path(tempfile.gettempdir()) / f"growmem-kernels-{getattr(os, 'getuid', lambda: 0)()}"
+    for folder in (_cache_dir(), fallback):
+        out = folder / f"delta_rule-{key}.so"
+        if out.exists():
+            break
+        try:  # an unwritable cache folder (read-only home): build in the temporary folder instead
+            out.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+        except OSError:
+            continue
         os.close(fd)
         cmd = [compiler, *flags, str(_SRC), "-o", tmp, f"-L{torch_lib}", "-ltorch_cpu", f"-Wl,-rpath,{torch_lib}"]
         try:
@@ -90,6 +97,9 @@ def _build() -> ctypes.CDLL:
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
+        break
+    else:
+        raise NativeBuildError(f"no writable folder for the compiled kernel ({_cache_dir()} or {fallback})")
     lib = ctypes.CDLL(str(out))
     i64, dbl, ptr = ctypes.c_int64, ctypes.c_double, ctypes.c_void_p
     for sfx in ("f32", "f64"):
