@@ -254,3 +254,92 @@ def test_unwritable_cache_folder_falls_back_to_the_temporary_folder(monkeypatch,
     monkeypatch.setenv("GROWMEM_KERNEL_CACHE", str(blocker / "kernels"))  # mkdir fails under a file
     assert _native.native_available()
     assert Path(_native._lib._name).parent.name.startswith("growmem-kernels-")
+
+
+# -- Sparse Selective Caching's reads -------------------------------------------------------------
+
+
+def _selection(B, T, H, N, k, gen):
+    """Random distinct picks per token among the memories cached before it (segments of T // N
+    tokens; -1 where fewer than k exist), as SSC's top-k produces them."""
+    seg = torch.arange(T) // max(1, T // N)
+    sel = torch.full((B, T, H, k), -1, dtype=torch.int64)
+    for t in range(T):
+        n = int(min(seg[t], N))
+        for b in range(B):
+            for h in range(H):
+                picks = torch.randperm(n, generator=gen)[:k] if n else torch.empty(0, dtype=torch.int64)
+                sel[b, t, h, : len(picks)] = picks
+    return sel
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("B,T,H,N,K,V,k", [(2, 40, 3, 5, 8, 6, 2), (1, 64, 2, 8, 16, 16, 3), (1, 7, 1, 3, 4, 4, 4)])
+def test_selected_read_kernel_equals_grouped_eager_read(dtype, B, T, H, N, K, V, k):
+    """The fused SSC read and its grads (cached states, queries, weights) equal the grouped eager
+    read (_SelectedRead over _ssc_groups) on the same selections, unused slots (-1) included."""
+    require_native()
+    from growmem.caching.wrapper import _FusedSelectedRead, _SelectedRead, _ssc_groups
+
+    gen = torch.Generator().manual_seed(T + N)
+    cached = torch.randn(B, N, H, K, V, generator=gen, dtype=dtype, requires_grad=True)
+    q = torch.randn(B, T, H, K, generator=gen, dtype=dtype, requires_grad=True)
+    sel = _selection(B, T, H, N, k, gen)
+    w = (torch.rand(B, T, H, k, generator=gen, dtype=dtype) * (sel >= 0)).requires_grad_(True)
+    dr = torch.randn(B, T, H, V, generator=gen, dtype=dtype)
+    fused = _FusedSelectedRead.apply(cached, q, w, sel, 0.7)
+    eager = _SelectedRead.apply(cached, q, w, _ssc_groups(sel, N), 0.7)
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    assert rel_err(fused, eager) < tol
+    for a, b in zip(torch.autograd.grad((fused * dr).sum(), (cached, q, w)),
+                    torch.autograd.grad((eager * dr).sum(), (cached, q, w)), strict=True):
+        assert rel_err(a, b) < tol
+
+
+def test_selected_read_kernel_gradcheck():
+    require_native()
+    from growmem.caching.wrapper import _FusedSelectedRead
+
+    gen = torch.Generator().manual_seed(0)
+    cached = torch.randn(1, 3, 2, 3, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    q = torch.randn(1, 9, 2, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    sel = _selection(1, 9, 2, 3, 2, gen)
+    w = torch.rand(1, 9, 2, 2, generator=gen, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda c, q, w: _FusedSelectedRead.apply(c, q, w, sel, 0.5), (cached, q, w))
+
+
+@pytest.mark.parametrize("base", ["la", "gdn"])
+def test_ssc_layer_uses_the_kernel_and_equals_the_eager_path(monkeypatch, base):
+    """A whole SSC memory (selection, online memory, gated sum): output and every input grad are the
+    same with the fused kernels as with GROWMEM_NATIVE=0, and the fused read is what ran."""
+    require_native()
+    import growmem.caching.wrapper as wr
+    from growmem.caching import CachedMemory, MCConfig
+    from growmem.memories import GatedDeltaNetMemory, LinearAttentionMemory
+
+    cls = {"la": LinearAttentionMemory, "gdn": GatedDeltaNetMemory}[base]
+    mem = CachedMemory(cls(2, 8, 8, 8), "ssc", MCConfig(segment_size=16, top_k=2)).double()
+    gen = torch.Generator().manual_seed(4)
+    T = 70
+    q, k, v, u = (torch.randn(1, T, 2, 8, generator=gen, dtype=torch.float64) for _ in range(4))
+    if mem.l2_normalize_qk:
+        q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+    raw = {n: torch.randn(1, T, 2, f, generator=gen, dtype=torch.float64) for n, f in mem.gate_features.items()}
+    leaves = [x.requires_grad_(True) for x in (q, k, v, u, *raw.values())]
+    ran = []
+    monkeypatch.setattr(wr._FusedSelectedRead, "forward",
+                        staticmethod(lambda ctx, *a, f=wr._FusedSelectedRead.forward: ran.append(1) or f(ctx, *a)))
+
+    def run():
+        gates = mem.make_gates(dict(zip(raw, leaves[4:], strict=True)))
+        gates["u"] = leaves[3]
+        y = mem(*leaves[:3], gates, initial_state=mem.new_state(1, T))[0]
+        return y, torch.autograd.grad((y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)).sum(), leaves)
+
+    y, grads = run()
+    assert ran
+    monkeypatch.setenv("GROWMEM_NATIVE", "0")
+    y0, grads0 = run()
+    assert rel_err(y, y0) < 1e-12
+    for a, b in zip(grads, grads0, strict=True):
+        assert rel_err(a, b) < 1e-11

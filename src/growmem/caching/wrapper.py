@@ -32,11 +32,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.autograd.function import once_differentiable
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from growmem.caching.config import AGGREGATIONS, MCConfig
 from growmem.caching.segments import SegmentPlan
 from growmem.memories.base import Gates, Memory
+from growmem.ops import _native
 
 
 @dataclass
@@ -448,6 +450,8 @@ class CachedMemory(Memory):
             sel = torch.cat([sel, sel.new_full((B, T, H, kmax - kk), -1)], -1)
             w = torch.cat([w, w.new_zeros(B, T, H, kmax - kk)], -1)
         out = g_on * o_on
+        if self.linear_readout and isinstance(cached, torch.Tensor) and _native.selected_read_applies(cached, q, w):
+            return out + _FusedSelectedRead.apply(cached, q, w, sel, self.base.scale)  # CPU kernel, no grouping
         groups = _ssc_groups(sel, n_total)
         if not groups:
             return out
@@ -515,7 +519,7 @@ class _SelectedRead(torch.autograd.Function):
         qf, wf = q.reshape(B * T * H, K), w.reshape(-1)
         out = q.new_zeros(B * T * H, V)
         for i, c, rq, rw, ok in groups:
-            wi = wf.index_select(0, rw.reshape(-1)).view(B, H, c, 1) * (ok[..., None] * scale)
+            wi = wf.index_select(0, rw.reshape(-1)).view(B, H, c, 1) * (ok[..., None].to(q.dtype) * scale)
             qw = qf.index_select(0, rq.reshape(-1)).view(B, H, c, K) * wi
             out.index_add_(0, rq.reshape(-1), (qw @ cached[:, i]).reshape(-1, V))
         ctx.save_for_backward(cached, q, w)
@@ -534,7 +538,7 @@ class _SelectedRead(torch.autograd.Function):
         dw = torch.zeros_like(wf) if need_w else None
         for i, c, rq, rw, ok in ctx.groups:
             rq_, rw_ = rq.reshape(-1), rw.reshape(-1)
-            wi = wf.index_select(0, rw_).view(B, H, c, 1) * (ok[..., None] * ctx.scale)
+            wi = wf.index_select(0, rw_).view(B, H, c, 1) * (ok[..., None].to(q.dtype) * ctx.scale)
             qi = qf.index_select(0, rq_).view(B, H, c, K)
             dr = df.index_select(0, rq_).view(B, H, c, V)
             if need_s:
@@ -544,5 +548,24 @@ class _SelectedRead(torch.autograd.Function):
                 if need_q:
                     dq.index_add_(0, rq_, (dqw * wi).reshape(-1, K))
                 if need_w:
-                    dw.index_add_(0, rw_, ((dqw * qi).sum(-1) * (ok * ctx.scale)).reshape(-1))
+                    dw.index_add_(0, rw_, ((dqw * qi).sum(-1) * (ok.to(q.dtype) * ctx.scale)).reshape(-1))
         return (dS, None if dq is None else dq.view(q.shape), None if dw is None else dw.view(w.shape), None, None)
+
+
+class _FusedSelectedRead(torch.autograd.Function):
+    """:class:`_SelectedRead` through the fused CPU kernel (:mod:`growmem.ops._native`): the same
+    function and gradients, with the selections passed as ``sel [B, T, H, k]`` (memory ids, -1 unused)
+    and bucketed per (batch, head) inside the kernel instead of by :func:`_ssc_groups`."""
+
+    @staticmethod
+    def forward(ctx, cached, q, w, sel, scale):
+        ctx.save_for_backward(cached, q, w, sel)
+        ctx.scale = scale
+        return _native.selected_read_forward(cached, q, w, sel, scale)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dout):
+        cached, q, w, sel = ctx.saved_tensors
+        dS, dq, dw = _native.selected_read_backward(cached, q, w, sel, dout, ctx.scale)
+        return dS, dq, dw, None, None

@@ -1,8 +1,9 @@
 """Optional fused CPU kernels, compiled on first use (a C++ compiler is needed; none is required).
 
-Today: the forward and backward of the chunked (gated) delta rule (``growmem/ops/_kernels/delta_rule.cpp``,
-used by :func:`growmem.ops.delta_rule.chunk_delta_rule` / ``chunk_gated_delta_rule`` and so by every
-DeltaNet / Gated DeltaNet layer, Memory Caching wrapper and model on CPU).
+Today: the forward and backward of the chunked (gated) delta rule (``_kernels/delta_rule.cpp``, used by
+:func:`growmem.ops.delta_rule.chunk_delta_rule` / ``chunk_gated_delta_rule`` and so by every DeltaNet /
+Gated DeltaNet layer, Memory Caching wrapper and model on CPU), and Sparse Selective Caching's reads of
+matrix states (``_kernels/selected_read.cpp``, used by :class:`growmem.caching.CachedMemory`).
 
 The kernels in ``growmem/ops/_kernels/*.cpp`` are plain C++ with a C interface: no torch headers, so
 a build takes a few seconds, not the minute of a ``torch.utils.cpp_extension`` build. Their matrix
@@ -36,9 +37,18 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["NativeBuildError", "delta_rule_backward", "delta_rule_forward", "native_available", "native_enabled"]
+__all__ = [
+    "NativeBuildError",
+    "delta_rule_backward",
+    "delta_rule_forward",
+    "native_available",
+    "native_enabled",
+    "selected_read_applies",
+    "selected_read_backward",
+    "selected_read_forward",
+]
 
-_SRC = Path(__file__).with_name("_kernels") / "delta_rule.cpp"
+_SOURCES = sorted((Path(__file__).with_name("_kernels")).glob("*.cpp"))
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _error: str | None = None
@@ -69,17 +79,17 @@ def _cache_dir() -> Path:
 
 
 def _build() -> ctypes.CDLL:
-    src = _SRC.read_bytes()
+    src = b"\0".join(p.read_bytes() for p in _SOURCES)
     torch_lib = Path(torch.__file__).parent / "lib"
     compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
     if compiler is None:
         raise NativeBuildError("no C++ compiler found (set CXX, or install g++)")
-    flags = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-pthread", "-fno-math-errno"]
+    flags = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-fno-math-errno"]
     key = hashlib.sha256(b"\0".join([src, torch.__version__.encode(), _cpu_model().encode(), compiler.encode(),
                                      " ".join(flags).encode()])).hexdigest()[:16]
     fallback = Path(tempfile.gettempdir()) / f"growmem-kernels-{getattr(os, 'getuid', lambda: 0)()}"
     for folder in (_cache_dir(), fallback):
-        out = folder / f"delta_rule-{key}.so"
+        out = folder / f"growmem_kernels-{key}.so"
         if out.exists():
             break
         try:  # an unwritable cache folder (read-only home): build in the temporary folder instead
@@ -88,11 +98,13 @@ def _build() -> ctypes.CDLL:
         except OSError:
             continue
         os.close(fd)
-        cmd = [compiler, *flags, str(_SRC), "-o", tmp, f"-L{torch_lib}", "-ltorch_cpu", f"-Wl,-rpath,{torch_lib}"]
+        # -L/-rpath torch's lib folder: BLAS from libtorch_cpu and torch's own libgomp (one OpenMP runtime)
+        cmd = [compiler, *flags, *map(str, _SOURCES), "-o", tmp,
+               f"-L{torch_lib}", "-ltorch_cpu", f"-Wl,-rpath,{torch_lib}"]
         try:
             res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
             if res.returncode != 0:
-                raise NativeBuildError(f"compiling {_SRC.name} failed:\n{res.stderr[-2000:]}")
+                raise NativeBuildError(f"compiling the kernels failed:\n{res.stderr[-2000:]}")
             os.replace(tmp, out)
         finally:
             if os.path.exists(tmp):
@@ -107,6 +119,10 @@ def _build() -> ctypes.CDLL:
         fwd.restype = bwd.restype = ctypes.c_int
         fwd.argtypes = [ptr] * 7 + [i64] * 6 + [dbl, dbl, ctypes.c_int]
         bwd.argtypes = [ptr] * 14 + [i64] * 6 + [dbl, dbl, ctypes.c_int]
+        fwd, bwd = getattr(lib, f"growmem_selected_read_fwd_{sfx}"), getattr(lib, f"growmem_selected_read_bwd_{sfx}")
+        fwd.restype = bwd.restype = ctypes.c_int
+        fwd.argtypes = [ptr] * 5 + [i64] * 7 + [dbl, ctypes.c_int]
+        bwd.argtypes = [ptr] * 8 + [i64] * 7 + [dbl, ctypes.c_int]
     return lib
 
 
@@ -206,3 +222,44 @@ def delta_rule_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: to
     if rc != 0:
         raise RuntimeError(f"growmem delta-rule kernel failed (code {rc})")
     return dq, dk, dv, dg, dbeta, ds0
+
+
+def selected_read_applies(cached: torch.Tensor, q: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether :func:`selected_read_forward` covers these inputs (and the kernels are built)."""
+    return _applies((cached, q, w), ()) is not None
+
+
+def selected_read_forward(cached: torch.Tensor, q: torch.Tensor, w: torch.Tensor, sel: torch.Tensor,
+                          scale: float) -> torch.Tensor:
+    """SSC's reads ``r[b, t, h] = sum_j w[b, t, h, j] S_{sel[b, t, h, j]}[b, h]^T (scale q[b, t, h])``.
+
+    ``cached [B, N, H, K, V]``, ``q [B, T, H, K]``, ``w [B, T, H, k]``, ``sel [B, T, H, k]`` (memory ids,
+    -1 for an unused slot) -> ``r [B, T, H, V]``. Only call where :func:`selected_read_applies`.
+    """
+    lib = _load()
+    cached, q, w = cached.contiguous(), q.contiguous(), w.contiguous()
+    sel = sel.to(torch.int64).contiguous()
+    B, N, H, K, V = cached.shape
+    T, k = q.shape[1], w.shape[-1]
+    r = q.new_empty(B, T, H, V)
+    fn = lib.growmem_selected_read_fwd_f32 if q.dtype == torch.float32 else lib.growmem_selected_read_fwd_f64
+    if fn(_ptr(cached), _ptr(q), _ptr(w), _ptr(sel), _ptr(r), B, N, T, H, K, V, k, float(scale),
+          torch.get_num_threads()) != 0:
+        raise RuntimeError("growmem selected-read kernel failed")
+    return r
+
+
+def selected_read_backward(cached: torch.Tensor, q: torch.Tensor, w: torch.Tensor, sel: torch.Tensor,
+                           dr: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Grads ``(d cached, dq, dw)`` of :func:`selected_read_forward` for the output grad ``dr``."""
+    lib = _load()
+    cached, q, w, dr = cached.contiguous(), q.contiguous(), w.contiguous(), dr.contiguous()
+    sel = sel.to(torch.int64).contiguous()
+    B, N, H, K, V = cached.shape
+    T, k = q.shape[1], w.shape[-1]
+    dS, dq, dw = torch.empty_like(cached), torch.empty_like(q), torch.empty_like(w)
+    fn = lib.growmem_selected_read_bwd_f32 if q.dtype == torch.float32 else lib.growmem_selected_read_bwd_f64
+    if fn(_ptr(cached), _ptr(q), _ptr(w), _ptr(sel), _ptr(dr), _ptr(dS), _ptr(dq), _ptr(dw), B, N, T, H, K, V, k,
+          float(scale), torch.get_num_threads()) != 0:
+        raise RuntimeError("growmem selected-read kernel failed")
+    return dS, dq, dw
