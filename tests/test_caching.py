@@ -53,7 +53,10 @@ def run(mem, q, k, v, u, gates, state=None, final=False):
 @pytest.mark.parametrize("base_cls", BASES)
 @pytest.mark.parametrize("agg", AGGS)
 @pytest.mark.parametrize("init", ["checkpoint", "restart"])
-def test_parallel_equals_reference(base_cls, agg, init):
+@pytest.mark.parametrize("backend", ["native", "eager"])
+def test_parallel_equals_reference(base_cls, agg, init, backend, monkeypatch):
+    if backend == "eager":  # the PyTorch reads and ops instead of the fused CPU kernels
+        monkeypatch.setenv("GROWMEM_NATIVE", "0")
     mem = make(base_cls, agg, segment_size=8, init=init, top_k=2)
     q, k, v, u, gates = inputs(mem.base)
     y, _ = run(mem, q, k, v, u, gates)
@@ -280,9 +283,13 @@ def test_post_training_mc_keeps_short_sequences_and_extends_long_ones():
 
 @pytest.mark.parametrize("base_cls", [LinearAttentionMemory, SWLAMemory, GatedDeltaNetMemory])
 @pytest.mark.parametrize("agg,top_k", [("ssc", 1), ("ssc", 2), ("ssc", 9), ("grm", 2)])
-def test_all_gradients_match_reference(base_cls, agg, top_k):
+@pytest.mark.parametrize("backend", ["native", "eager"])
+def test_all_gradients_match_reference(base_cls, agg, top_k, backend, monkeypatch):
     # every input (q, k, v, connector u, gates), through the batched selection and the hand-written
-    # backward of the grouped reads (_SelectedRead) or the gated reads (_GatedRead)
+    # backward of the grouped reads (_SelectedRead) or the gated reads (_GatedRead), or their fused
+    # CPU kernels (_FusedSelectedRead, _FusedGatedRead)
+    if backend == "eager":
+        monkeypatch.setenv("GROWMEM_NATIVE", "0")
     mem = make(base_cls, agg, segment_size=5, top_k=top_k)
     q, k, v, u, gates = inputs(mem.base)
     leaves = [x.detach().requires_grad_(True) for x in (q, k, v, u, *gates.values())]

@@ -410,6 +410,8 @@ class CachedMemory(Memory):
         s_on, scores = self._scores(u, pool_on, pools, n0, pieces)
         gamma = torch.softmax(torch.cat([s_on, scores], -1) / self.config.temperature, dim=-1)
         g_on, g_c = gamma[..., :1], gamma[..., 1:]  # [B, T, H, 1], [B, T, H, N] (0 where not cached)
+        if lin and _native.selected_read_applies(cached, q, g_c):  # CPU kernel: no [B, H, N*K, V] copy
+            return g_on * o_on + _FusedGatedRead.apply(cached, q, g_c, sizes, counts, self.base.scale)
         if lin:  # Soup = GRM on a linear memory; all reads in one function over [S_1; ..; S_N]
             B, T, H, K = q.shape
             flat = cached.permute(0, 2, 1, 3, 4).reshape(B, H, -1, cached.shape[-1])  # [B, H, N*K, V]
@@ -569,3 +571,21 @@ class _FusedSelectedRead(torch.autograd.Function):
         cached, q, w, sel = ctx.saved_tensors
         dS, dq, dw = _native.selected_read_backward(cached, q, w, sel, dout, ctx.scale)
         return dS, dq, dw, None, None
+
+
+class _FusedGatedRead(torch.autograd.Function):
+    """:class:`_GatedRead` through the fused CPU kernel (:mod:`growmem.ops._native`): the same function
+    and gradients, reading ``cached [B, N, H, K, V]`` in place (no flattened copy)."""
+
+    @staticmethod
+    def forward(ctx, cached, q, g, sizes, counts, scale):
+        ctx.save_for_backward(cached, q, g)
+        ctx.sizes, ctx.counts, ctx.scale = sizes, counts, scale
+        return _native.gated_read_forward(cached, q, g, sizes, counts, scale)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dout):
+        cached, q, g = ctx.saved_tensors
+        dS, dq, dg = _native.gated_read_backward(cached, q, g, ctx.sizes, ctx.counts, dout, ctx.scale)
+        return dS, dq, dg, None, None, None

@@ -2,8 +2,9 @@
 
 Today: the forward and backward of the chunked (gated) delta rule (``_kernels/delta_rule.cpp``, used by
 :func:`growmem.ops.delta_rule.chunk_delta_rule` / ``chunk_gated_delta_rule`` and so by every DeltaNet /
-Gated DeltaNet layer, Memory Caching wrapper and model on CPU), and Sparse Selective Caching's reads of
-matrix states (``_kernels/selected_read.cpp``, used by :class:`growmem.caching.CachedMemory`).
+Gated DeltaNet layer, Memory Caching wrapper and model on CPU), and Memory Caching's reads of cached
+matrix states: SSC's selected reads (``_kernels/selected_read.cpp``) and GRM / Soup's gated reads
+(``_kernels/gated_read.cpp``), used by :class:`growmem.caching.CachedMemory`.
 
 The kernels in ``growmem/ops/_kernels/*.cpp`` are plain C++ with a C interface: no torch headers, so
 a build takes a few seconds, not the minute of a ``torch.utils.cpp_extension`` build. Their matrix
@@ -41,6 +42,8 @@ __all__ = [
     "NativeBuildError",
     "delta_rule_backward",
     "delta_rule_forward",
+    "gated_read_backward",
+    "gated_read_forward",
     "native_available",
     "native_enabled",
     "selected_read_applies",
@@ -79,7 +82,7 @@ def _cache_dir() -> Path:
 
 
 def _build() -> ctypes.CDLL:
-    src = b"\0".join(p.read_bytes() for p in _SOURCES)
+    src = b"\0".join(p.read_bytes() for p in sorted(_SOURCES[0].parent.glob("*.[ch]*")))  # sources + headers
     torch_lib = Path(torch.__file__).parent / "lib"
     compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
     if compiler is None:
@@ -123,6 +126,10 @@ def _build() -> ctypes.CDLL:
         fwd.restype = bwd.restype = ctypes.c_int
         fwd.argtypes = [ptr] * 5 + [i64] * 7 + [dbl, ctypes.c_int]
         bwd.argtypes = [ptr] * 8 + [i64] * 7 + [dbl, ctypes.c_int]
+        fwd, bwd = getattr(lib, f"growmem_gated_read_fwd_{sfx}"), getattr(lib, f"growmem_gated_read_bwd_{sfx}")
+        fwd.restype = bwd.restype = ctypes.c_int
+        fwd.argtypes = [ptr] * 6 + [i64] * 7 + [dbl, ctypes.c_int]
+        bwd.argtypes = [ptr] * 9 + [i64] * 7 + [dbl, ctypes.c_int]
     return lib
 
 
@@ -225,7 +232,8 @@ def delta_rule_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: to
 
 
 def selected_read_applies(cached: torch.Tensor, q: torch.Tensor, w: torch.Tensor) -> bool:
-    """Whether :func:`selected_read_forward` covers these inputs (and the kernels are built)."""
+    """Whether :func:`selected_read_forward` (or :func:`gated_read_forward`, with ``w`` the weights)
+    covers these inputs (and the kernels are built)."""
     return _applies((cached, q, w), ()) is not None
 
 
@@ -263,3 +271,47 @@ def selected_read_backward(cached: torch.Tensor, q: torch.Tensor, w: torch.Tenso
           float(scale), torch.get_num_threads()) != 0:
         raise RuntimeError("growmem selected-read kernel failed")
     return dS, dq, dw
+
+
+def _pieces(sizes: list[int], counts: list[int], T: int) -> tuple[torch.Tensor, torch.Tensor]:
+    if len(sizes) != len(counts) or sum(sizes) != T or min(sizes, default=1) < 0 or min(counts, default=0) < 0:
+        raise ValueError(f"pieces {sizes} / {counts} do not cover a window of {T} tokens")
+    return torch.tensor(sizes, dtype=torch.int64), torch.tensor(counts, dtype=torch.int64)
+
+
+def gated_read_forward(cached: torch.Tensor, q: torch.Tensor, g: torch.Tensor, sizes: list[int], counts: list[int],
+                       scale: float) -> torch.Tensor:
+    """GRM / Soup's gated reads ``r[b, t, h] = sum_{i < n_p} g[b, t, h, i] S_i[b, h]^T (scale q[b, t, h])``.
+
+    ``cached [B, N, H, K, V]``, ``q [B, T, H, K]``, ``g [B, T, H, N]``; the window's pieces as ``sizes``
+    (tokens, summing to T) and ``counts`` (``n_p``, the cached states piece p sees) -> ``r [B, T, H, V]``.
+    Only call where :func:`selected_read_applies` (``cached, q, g``).
+    """
+    lib = _load()
+    cached, q, g = cached.contiguous(), q.contiguous(), g.contiguous()
+    B, N, H, K, V = cached.shape
+    T = q.shape[1]
+    sz, ct = _pieces(sizes, counts, T)
+    r = q.new_empty(B, T, H, V)
+    fn = lib.growmem_gated_read_fwd_f32 if q.dtype == torch.float32 else lib.growmem_gated_read_fwd_f64
+    if fn(_ptr(cached), _ptr(q), _ptr(g), _ptr(sz), _ptr(ct), _ptr(r), B, N, T, H, K, V, len(sizes), float(scale),
+          torch.get_num_threads()) != 0:
+        raise RuntimeError("growmem gated-read kernel failed")
+    return r
+
+
+def gated_read_backward(cached: torch.Tensor, q: torch.Tensor, g: torch.Tensor, sizes: list[int],
+                        counts: list[int], dr: torch.Tensor,
+                        scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Grads ``(d cached, dq, dg)`` of :func:`gated_read_forward` for the output grad ``dr``."""
+    lib = _load()
+    cached, q, g, dr = cached.contiguous(), q.contiguous(), g.contiguous(), dr.contiguous()
+    B, N, H, K, V = cached.shape
+    T = q.shape[1]
+    sz, ct = _pieces(sizes, counts, T)
+    dS, dq, dg = torch.empty_like(cached), torch.empty_like(q), torch.empty_like(g)
+    fn = lib.growmem_gated_read_bwd_f32 if q.dtype == torch.float32 else lib.growmem_gated_read_bwd_f64
+    if fn(_ptr(cached), _ptr(q), _ptr(g), _ptr(sz), _ptr(ct), _ptr(dr), _ptr(dS), _ptr(dq), _ptr(dg), B, N, T, H, K,
+          V, len(sizes), float(scale), torch.get_num_threads()) != 0:
+        raise RuntimeError("growmem gated-read kernel failed")
+    return dS, dq, dg

@@ -32,38 +32,11 @@
 #include <cstdint>
 #include <vector>
 
-extern "C" {
-void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*, const float*,
-            const int*, const float*, const int*, const float*, float*, const int*);
-void dgemm_(const char*, const char*, const int*, const int*, const int*, const double*, const double*,
-            const int*, const double*, const int*, const double*, double*, const int*);
-// MKL's C entry (the lower-case symbol is the Fortran one); weak: absent from non-MKL builds of torch
-int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
-}
+#include "common.h"
 
 namespace {
 
-inline void blas_gemm(const char* ta, const char* tb, const int* m, const int* n, const int* k, const float* alpha,
-                      const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
-                      const int* ldc) {
-  sgemm_(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
-}
-
-inline void blas_gemm(const char* ta, const char* tb, const int* m, const int* n, const int* k,
-                      const double* alpha, const double* a, const int* lda, const double* b, const int* ldb,
-                      const double* beta, double* c, const int* ldc) {
-  dgemm_(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
-}
-
-// Row-major C[m, n] = alpha op(A) op(B) + beta C (op = transpose if the flag is set), through the
-// column-major BLAS: C^T = op(B)^T op(A)^T.
-template <typename T>
-void gemm(bool ta, bool tb, int m, int n, int k, T alpha, const T* A, int lda, const T* B, int ldb, T beta, T* C,
-          int ldc) {
-  const char* fa = ta ? "T" : "N";
-  const char* fb = tb ? "T" : "N";
-  blas_gemm(fb, fa, &n, &m, &k, &alpha, B, &ldb, A, &lda, &beta, C, &ldc);
-}
+using growmem::gemm;
 
 template <typename T>
 struct Args {
@@ -432,22 +405,12 @@ void backward_chunk(const Args<T>& a, Workspace<T>& ws, int64_t n, int64_t ci) {
   }
 }
 
-// Run fn(ws, n0, n1) on worker threads over contiguous groups of the N = B * H rows. The workers are
-// an OpenMP team: compiled with -fopenmp and loaded into a process where torch's libgomp is already
-// present, this is torch's own thread pool, so the kernel never competes with idle-spinning torch
-// threads (a separate std::thread pool did, and ran 2x slower between torch ops).
 template <typename T, typename Fn>
 int parallel_rows(const Args<T>& a, int nthreads, bool backward, Fn fn) {
-  const int64_t N = a.B * a.H;
-  const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(nthreads, N)));
-#pragma omp parallel for num_threads(nt) schedule(static, 1)
-  for (int w = 0; w < nt; ++w) {
-    // one BLAS thread per worker: the workers are the parallelism
-    const int prev = MKL_Set_Num_Threads_Local ? MKL_Set_Num_Threads_Local(1) : 0;
+  growmem::for_each_worker(a.B * a.H, nthreads, [&a, &fn, backward](int, int64_t n0, int64_t n1) {
     Workspace<T> ws(a.C, a.K, a.V, backward);
-    fn(ws, N * w / nt, N * (w + 1) / nt);
-    if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(prev);
-  }
+    fn(ws, n0, n1);
+  });
   return 0;
 }
 

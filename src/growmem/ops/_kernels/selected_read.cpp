@@ -16,36 +16,11 @@
 #include <cstdint>
 #include <vector>
 
-extern "C" {
-void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*, const float*,
-            const int*, const float*, const int*, const float*, float*, const int*);
-void dgemm_(const char*, const char*, const int*, const int*, const int*, const double*, const double*,
-            const int*, const double*, const int*, const double*, double*, const int*);
-int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
-}
+#include "common.h"
 
 namespace {
 
-inline void blas_gemm(const char* ta, const char* tb, const int* m, const int* n, const int* k, const float* alpha,
-                      const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
-                      const int* ldc) {
-  sgemm_(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
-}
-
-inline void blas_gemm(const char* ta, const char* tb, const int* m, const int* n, const int* k,
-                      const double* alpha, const double* a, const int* lda, const double* b, const int* ldb,
-                      const double* beta, double* c, const int* ldc) {
-  dgemm_(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
-}
-
-// Row-major C[m, n] = alpha op(A) op(B) + beta C through the column-major BLAS.
-template <typename T>
-void gemm(bool ta, bool tb, int m, int n, int k, T alpha, const T* A, int lda, const T* B, int ldb, T beta, T* C,
-          int ldc) {
-  const char* fa = ta ? "T" : "N";
-  const char* fb = tb ? "T" : "N";
-  blas_gemm(fb, fa, &n, &m, &k, &alpha, B, &ldb, A, &lda, &beta, C, &ldc);
-}
+using growmem::gemm;
 
 template <typename T>
 struct ReadArgs {
@@ -162,18 +137,13 @@ void read_backward_row(const ReadArgs<T>& a, int64_t n, Buckets& bk, std::vector
   }
 }
 
-// Worker threads over contiguous groups of rows: an OpenMP team (torch's pool; see delta_rule.cpp).
 template <typename T, typename Fn>
 int parallel_rows(int64_t rows, int nthreads, Fn fn) {
-  const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(nthreads, rows)));
-#pragma omp parallel for num_threads(nt) schedule(static, 1)
-  for (int w = 0; w < nt; ++w) {
-    const int prev = MKL_Set_Num_Threads_Local ? MKL_Set_Num_Threads_Local(1) : 0;
+  growmem::for_each_worker(rows, nthreads, [&fn](int, int64_t n0, int64_t n1) {
     Buckets bk;
     std::vector<T> buf;
-    for (int64_t n = rows * w / nt; n < rows * (w + 1) / nt; ++n) fn(n, bk, buf);
-    if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(prev);
-  }
+    for (int64_t n = n0; n < n1; ++n) fn(n, bk, buf);
+  });
   return 0;
 }
 
