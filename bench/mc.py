@@ -3,6 +3,7 @@
     .venv/bin/python bench/mc.py                         # L = 1024, 4096, 16384; base memories la, gdn
     .venv/bin/python bench/mc.py --L 4096 --bases gdn    # quick look
     .venv/bin/python bench/mc.py --L 1024 4096 --bases dla titans   # deep (MLP) memories, E = 4 * 64
+    .venv/bin/python bench/mc.py --L 4096 --ratios 15    # cost over the base memory, timed round-robin
 
 For each base memory: the base alone, Residual, GRM, Soup and SSC (top_k = 2) with constant segments
 (C = 256) and with logarithmic segments, plus causal SDPA attention. B = 1, 4 heads of dim 64,
@@ -98,6 +99,51 @@ def run(Ls, bases, H, D, chunk, seg, top_k, reps) -> list[dict]:
     return rows
 
 
+def ratios(Ls, bases, H, D, chunk, seg, top_k, rounds) -> list[dict]:
+    """Cost of each Memory Caching variant (constant segments) relative to its base memory, measured
+    round-robin: every round times the base and each variant once, back to back, and the ratio of a
+    round is variant / base of that round. Reports the median over rounds (robust to the machine's
+    drift, which moves sequential best-of-n timings by up to 1.5x between rows)."""
+    rows = []
+    for L in Ls:
+        for base_name in bases:
+            fns = {}
+            for name, mem in variants(base_name, H, D, chunk, seg, top_k):
+                if "(log)" in name:
+                    continue
+                (q, k, v, u), raw = make_inputs(L, H, D, mem)
+
+                def fwd_bwd(mem=mem, q=q, k=k, v=v, u=u, raw=raw, L=L):
+                    gates = mem.make_gates(raw)
+                    if "u" in mem.input_projections:
+                        gates["u"] = u
+                    cache = mem.new_state(1, L) if isinstance(mem, CachedMemory) else None
+                    mem(q, k, v, gates, initial_state=cache)[0].sum().backward()
+
+                fwd_bwd()  # warm-up
+                fns[name] = fwd_bwd
+            times: dict[str, list[float]] = {n: [] for n in fns}
+            for _ in range(rounds):
+                for n, fn in fns.items():
+                    times[n].append(best_time(fn, 1))
+            for n, ts in times.items():
+                per_round = sorted(t / b for t, b in zip(ts, times[base_name], strict=True))
+                row = {"L": L, "model": n, "median_ms": 1e3 * sorted(ts)[len(ts) // 2],
+                       "ratio_median": per_round[len(per_round) // 2], "ratio_min": per_round[0],
+                       "ratio_max": per_round[-1]}
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    return rows
+
+
+def ratios_markdown(rows: list[dict]) -> str:
+    lines = ["| L | model | median ms | / base: median (min-max over rounds) |", "|---:|---|---:|---|"]
+    for r in rows:
+        lines.append(f"| {r['L']} | {r['model']} | {r['median_ms']:.0f} | {r['ratio_median']:.2f} "
+                     f"({r['ratio_min']:.2f}-{r['ratio_max']:.2f}) |")
+    return "\n".join(lines)
+
+
 def to_markdown(rows: list[dict]) -> str:
     Ls = sorted({r["L"] for r in rows})
     models = list(dict.fromkeys(r["model"] for r in rows))
@@ -122,7 +168,16 @@ def main() -> None:
     p.add_argument("--top-k", type=int, default=2)
     p.add_argument("--reps", type=int, default=2)
     p.add_argument("--out", default=None, help="write the markdown table here")
+    p.add_argument("--ratios", type=int, default=0, metavar="ROUNDS",
+                   help="instead: each variant's cost relative to its base, timed round-robin over ROUNDS rounds")
     a = p.parse_args()
+    if a.ratios:
+        md = ratios_markdown(ratios(a.L, a.bases, a.heads, a.head_dim, a.chunk, a.segment, a.top_k, a.ratios))
+        print(md)
+        if a.out:
+            with open(a.out, "w") as fh:
+                fh.write(md + "\n")
+        return
     rows = run(a.L, a.bases, a.heads, a.head_dim, a.chunk, a.segment, a.top_k, a.reps)
     md = to_markdown(rows)
     print(f"\nthreads={torch.get_num_threads()}, B=1, H={a.heads}, D={a.head_dim}, chunk={a.chunk}\n")
