@@ -413,3 +413,19 @@ def test_grm_layer_uses_the_kernel_and_equals_the_eager_path(monkeypatch, agg):
     assert rel_err(y, y0) < 1e-12
     for a, b in zip(grads, grads0, strict=True):
         assert rel_err(a, b) < 1e-11
+
+
+def test_cli_info_says_which_path_runs(monkeypatch, capsys):
+    from growmem.cli import main as cli_main
+
+    require_native()
+    assert cli_main(["info"]) == 0
+    assert "fused CPU kernels: on" in capsys.readouterr().out
+    monkeypatch.setenv("GROWMEM_NATIVE", "0")
+    assert cli_main(["info"]) == 0
+    assert "fused CPU kernels: off" in capsys.readouterr().out
+    monkeypatch.delenv("GROWMEM_NATIVE")
+    monkeypatch.setattr(_native, "_lib", None)
+    monkeypatch.setattr(_native, "_error", "NativeBuildError: no C++ compiler found")
+    assert cli_main(["info"]) == 0
+    assert "unavailable, the PyTorch path runs (NativeBuildError: no C++ compiler found)" in capsys.readouterr().out

@@ -144,6 +144,28 @@ def _cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_info(args: argparse.Namespace) -> int:
+    """Versions, threads, and whether the optional fused CPU kernels run here (and why not)."""
+    import os
+    import platform
+
+    import torch
+
+    import growmem
+    from growmem.ops import _native
+
+    print(f"growmem {growmem.__version__}, torch {torch.__version__}, python {platform.python_version()}")
+    print(f"threads: {torch.get_num_threads()} (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}), "
+          f"CUDA available: {torch.cuda.is_available()}")
+    if not _native.native_enabled():
+        print("fused CPU kernels: off (GROWMEM_NATIVE=0); the PyTorch path runs")
+    elif _native.native_available():
+        print(f"fused CPU kernels: on ({_native._lib._name})")
+    else:
+        print(f"fused CPU kernels: unavailable, the PyTorch path runs ({_native._error})")
+    return 0
+
+
 def _cmd_ess(args: argparse.Namespace, rest: list[str]) -> int:
     from growmem.analysis.ess_cli import main as ess_main
 
@@ -165,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     lm.add_argument("--batch", type=int, default=16)
     lm.add_argument("--seed", type=int, default=0)
     sub.add_parser("mixers", help="list the registered token mixers")
+    sub.add_parser("info", help="versions, threads, and whether the fused CPU kernels run here")
     sub.add_parser("list", help="list models and tasks")
     tr = sub.add_parser("train", help="train one experiment (YAML), resuming from its checkpoint if any")
     tr.add_argument("--config", default=None, help="experiment YAML (or JSON) file")
@@ -218,6 +241,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.cmd in ("mixers", "list"):
             return _cmd_list(args)
+        if args.cmd == "info":
+            return _cmd_info(args)
         if args.cmd == "ess":
             return _cmd_ess(args, rest)
         return {"train": _cmd_train, "eval": _cmd_eval, "sweep": _cmd_sweep, "plot": _cmd_plot,
