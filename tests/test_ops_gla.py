@@ -1,18 +1,34 @@
-"""Tests of gated / plain linear attention: chunked vs naive vs step-loop, states, stability, errors."""
+"""Tests of gated / plain linear attention: chunked vs naive vs step-loop, states, stability, errors.
+
+Every test runs twice: with the fused CPU kernel (growmem.ops._native: no or scalar decay, float32 /
+float64) and with the eager PyTorch form (``GROWMEM_NATIVE=0``)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import growmem.ops.gla as gla_mod
 from growmem.ops.gla import chunk_gla, naive_gla, step_gla
 from growmem.ops.linear_attn import chunk_linear_attn, naive_linear_attn, step_linear_attn
 from growmem.ops.utils import check_finite
+from helpers import require_native
 
 F64 = torch.float64
+
+
+@pytest.fixture(autouse=True, params=["native", "eager"])
+def forward_backend(request, monkeypatch):
+    """Run the test with the fused kernel, then with the eager chunked form."""
+    if request.param == "eager":
+        monkeypatch.setenv("GROWMEM_NATIVE", "0")
+    else:
+        require_native()
+    return request.param
+
+
 GATES = ["none", "scalar", "key", "norm"]  # "norm": normalized linear attention (no gate)
 SHAPES = [  # (B, T, H, K, V, chunk)
     (2, 37, 3, 4, 5, 8),  # T not a multiple of the chunk, K != V
@@ -161,7 +177,8 @@ def test_gradcheck(gate):
     assert torch.autograd.gradcheck(fn, inputs)
 
 
-@settings(max_examples=15, deadline=None)
+# (the backend fixture only sets an environment variable, the same for every example)
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(T=st.integers(1, 40), chunk=st.integers(1, 20), gate=st.sampled_from(GATES), seed=st.integers(0, 99))
 def test_random_padding(T, chunk, gate, seed):
     q, k, v, g, s0 = make(1, T, 2, 4, 3, gate, seed=seed, state=seed % 2 == 0)

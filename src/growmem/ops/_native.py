@@ -171,22 +171,22 @@ def _applies(tensors: tuple[torch.Tensor, ...], outs: tuple[torch.Tensor, ...]) 
 
 
 def delta_rule_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor | None,
-                       beta: torch.Tensor, states: torch.Tensor, o: torch.Tensor, scale: float, C: int,
+                       beta: torch.Tensor | None, states: torch.Tensor, o: torch.Tensor, scale: float, C: int,
                        limit: float) -> bool:
     """Run the fused chunked (gated) delta-rule forward if it applies; return whether it ran.
 
-    ``q, k: [B, T, H, K]``, ``v: [B, T, H, V]``, ``g`` (or ``None``), ``beta: [B, T, H]``, CPU tensors of
-    one dtype (float32 or float64; made contiguous here); ``states: [NC + 1, B * H, K, V]`` with
+    ``q, k: [B, T, H, K]``, ``v: [B, T, H, V]``, ``g`` (or ``None``), ``beta: [B, T, H]`` (or ``None``:
+    linear attention / scalar-decay GLA, ``S_t = exp(g_t) S_{t-1} + k_t v_t^T``), CPU tensors of one
+    dtype (float32 or float64; made contiguous here); ``states: [NC + 1, B * H, K, V]`` with
     ``states[0]`` set, and ``o: [B, T, H, V]``, both written. ``limit``: the largest chunk log decay for
     which the decay matrix may be factored (:func:`growmem.ops.gla._factor_limit`). Returns ``False``
     without touching anything when the kernel does not apply (other dtype or device, disabled, not built).
     """
-    ins = (q, k, v, beta) if g is None else (q, k, v, g, beta)
-    lib = _applies(ins, (states, o))
+    lib = _applies(tuple(x for x in (q, k, v, g, beta) if x is not None), (states, o))
     if lib is None:
         return False
-    q, k, v, beta = (x.contiguous() for x in (q, k, v, beta))
-    g = None if g is None else g.contiguous()
+    q, k, v = (x.contiguous() for x in (q, k, v))
+    g, beta = (None if x is None else x.contiguous() for x in (g, beta))
     B, T, H, K = q.shape
     V = v.shape[-1]
     fn = lib.growmem_delta_rule_fwd_f32 if q.dtype == torch.float32 else lib.growmem_delta_rule_fwd_f64
@@ -198,29 +198,26 @@ def delta_rule_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: tor
 
 
 def delta_rule_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor | None,
-                        beta: torch.Tensor, states: torch.Tensor, do: torch.Tensor, dstates: torch.Tensor | None,
+                        beta: torch.Tensor | None, states: torch.Tensor, do: torch.Tensor, dstates: torch.Tensor | None,
                         scale: float, C: int, limit: float) -> tuple[torch.Tensor, ...] | None:
     """The fused backward of :func:`delta_rule_forward`, or ``None`` where it does not apply.
 
     ``states``: the forward's ``[NC + 1, B * H, K, V]`` chunk states; ``do: [B, T, H, V]`` and ``dstates``
     (same shape as ``states``, or ``None``) the incoming grads. Returns ``(dq, dk, dv, dg, dbeta, ds0)``
-    with ``dg = None`` without gate and ``ds0: [B * H, K, V]`` the grad of ``states[0]``. Per chunk, in
+    with ``dg = None`` without gate, ``dbeta = None`` without beta, and ``ds0: [B * H, K, V]`` the grad of
+    ``states[0]``. Per chunk, in
     reverse, the block quantities are recomputed from the inputs and the saved state and the adjoint
     recurrence of ``_DeltaRuleFunction.backward`` runs (the triangular systems by substitution).
     """
-    ins = (q, k, v, beta, states, do) if g is None else (q, k, v, g, beta, states, do)
-    if dstates is not None:
-        ins = (*ins, dstates)
-    lib = _applies(ins, ())
+    lib = _applies(tuple(x for x in (q, k, v, g, beta, states, do, dstates) if x is not None), ())
     if lib is None:
         return None
-    q, k, v, beta, states, do = (x.contiguous() for x in (q, k, v, beta, states, do))
-    g = None if g is None else g.contiguous()
-    dstates = None if dstates is None else dstates.contiguous()
+    q, k, v, states, do = (x.contiguous() for x in (q, k, v, states, do))
+    g, beta, dstates = (None if x is None else x.contiguous() for x in (g, beta, dstates))
     B, T, H, K = q.shape
     V = v.shape[-1]
-    dq, dk, dv, dbeta = (torch.empty_like(x) for x in (q, k, v, beta))
-    dg = None if g is None else torch.empty_like(g)
+    dq, dk, dv = (torch.empty_like(x) for x in (q, k, v))
+    dg, dbeta = (None if x is None else torch.empty_like(x) for x in (g, beta))
     ds0 = states.new_empty(B * H, K, V)
     fn = lib.growmem_delta_rule_bwd_f32 if q.dtype == torch.float32 else lib.growmem_delta_rule_bwd_f64
     rc = fn(_ptr(q), _ptr(k), _ptr(v), _ptr(g), _ptr(beta), _ptr(states), _ptr(do), _ptr(dstates), _ptr(dq),

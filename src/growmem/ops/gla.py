@@ -45,6 +45,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from growmem.ops._native import delta_rule_backward, delta_rule_forward
 from growmem.ops.utils import (
     check_chunk_size,
     check_finite,
@@ -407,6 +408,11 @@ class _ScalarGLAFunction(torch.autograd.Function):
         else:
             states[0].copy_(s0.reshape(N, K, V))
         o = q.new_empty(B, T, H, V)
+        ctx.scale, ctx.C, ctx.has_s0 = scale, C, s0 is not None
+        ctx.set_materialize_grads(False)
+        if delta_rule_forward(q, k, v, g, None, states, o, scale, C, _factor_limit(q.dtype)):
+            ctx.save_for_backward(q, k, v, g, states)
+            return o, states  # the fused CPU kernel ran (growmem.ops._native; beta = None: plain GLA)
         S = states.unbind(0)
         gates = None if g is None else _chunk_gates(g, NC, C, _gate_dtype(q.dtype), q.dtype)
         for c0, c1 in _blocks(NC, _chunks_per_block(N, C, max(K, V))):
@@ -425,8 +431,6 @@ class _ScalarGLAFunction(torch.autograd.Function):
             ob = torch.baddbmm(torch.bmm(qg, states[c0:c1].view(-1, K, V)), A, vb, beta=scale, alpha=scale)
             _scatter(o, ob, c0, c1, C)
         ctx.save_for_backward(q, k, v, g, states)
-        ctx.scale, ctx.C, ctx.has_s0 = scale, C, s0 is not None
-        ctx.set_materialize_grads(False)
         return o, states
 
     @staticmethod
@@ -440,6 +444,10 @@ class _ScalarGLAFunction(torch.autograd.Function):
         gd = _gate_dtype(q.dtype)
         if do is None:
             do = torch.zeros_like(v)
+        fused = delta_rule_backward(q, k, v, g, None, states, do, dstates, scale, C, _factor_limit(q.dtype))
+        if fused is not None:  # the fused CPU kernel ran (growmem.ops._native)
+            dq, dk, dv, dg, _, ds0 = fused
+            return dq, dk, dv, dg, (ds0.view(B, H, K, V) if ctx.has_s0 else None), None, None
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         dg = None if g is None else torch.empty(B, T, H, dtype=gd, device=q.device)
         dS = q.new_zeros(N, K, V) if dstates is None else dstates[NC]  # grad of the state after the block

@@ -23,7 +23,11 @@
 // _DeltaRuleFunction.backward (same equations; the transposed triangular system by backward
 // substitution instead of an explicit inverse).
 //
-// Layouts (all contiguous): q, k [B, T, H, K]; v [B, T, H, V]; g (may be null), beta [B, T, H];
+// With beta = null the same code runs linear attention / scalar-decay GLA (growmem.ops.gla's
+// _ScalarGLAFunction): no delta correction, u = v, so no triangular system and no k k^T term.
+//
+// Layouts (all contiguous): q, k [B, T, H, K]; v [B, T, H, V]; g (may be null), beta [B, T, H] (may be
+// null: GLA);
 // states [NC + 1, B * H, K, V] with states[0] filled by the caller; o [B, T, H, V]; the grads have
 // the shapes of their inputs (ds0: [B * H, K, V]).
 
@@ -174,14 +178,15 @@ ChunkInfo prepare_chunk(const Args<T>& a, Workspace<T>& ws, int64_t n, int64_t c
   const T* krow = a.k + ((b * TT + t0) * H + h) * K;
   const T* vrow = a.v + ((b * TT + t0) * H + h) * V;
   const T* grow = a.g ? a.g + (b * TT + t0) * H + h : nullptr;
-  const T* brow = a.beta + (b * TT + t0) * H + h;
+  const bool plain = a.beta == nullptr;  // linear attention / scalar GLA: u = v, no delta correction
+  const T* brow = plain ? nullptr : a.beta + (b * TT + t0) * H + h;
   T* __restrict G = ws.G;
   T* __restrict bt = ws.bt;
   T acc = 0;
   for (int i = 0; i < c; ++i) {
     if (grow) acc += grow[i * H];
     G[i] = acc;
-    bt[i] = brow[i * H];
+    bt[i] = plain ? T(1) : brow[i * H];
   }
   const T GC = G[c - 1];
   const bool factored = -GC <= a.limit;
@@ -215,37 +220,37 @@ ChunkInfo prepare_chunk(const Args<T>& a, Workspace<T>& ws, int64_t n, int64_t c
   // [q; k] k^T with the decay: factored through the chunk end, or D formed with exponents <= 0
   T* M2 = ws.M2;
   if (factored) {
-    gemm<T>(false, true, 2 * c, c, K, std::exp(-GC), ws.QK, K, kd, K, T(0), M2, C);
+    gemm<T>(false, true, plain ? c : 2 * c, c, K, std::exp(-GC), ws.QK, K, kd, K, T(0), M2, C);
   } else {
     T* X = ws.X;
     for (int i = 0; i < c; ++i) {
       std::copy(qrow + i * ts, qrow + i * ts + K, X + i * K);
       std::copy(krow + i * ts, krow + i * ts + K, X + (c + i) * K);
     }
-    gemm<T>(false, true, 2 * c, c, K, T(1), X, K, X + c * K, K, T(0), M2, C);
+    gemm<T>(false, true, plain ? c : 2 * c, c, K, T(1), X, K, X + c * K, K, T(0), M2, C);
     for (int i = 0; i < c; ++i)
       for (int j = 0; j <= i; ++j) {
         const T dij = std::exp(G[i] - G[j]);
         M2[i * C + j] *= dij;
-        M2[(c + i) * C + j] *= dij;
+        if (!plain) M2[(c + i) * C + j] *= dij;
       }
   }
   T* P = M2;
   T* KD = M2 + c * C;
   for (int i = 0; i < c; ++i) {
     std::fill(P + i * C + i + 1, P + i * C + c, T(0));
-    std::fill(KD + i * C + i, KD + i * C + c, T(0));
+    if (!plain) std::fill(KD + i * C + i, KD + i * C + c, T(0));
   }
-  forward_substitution<T>(R, static_cast<int>(W), KD, static_cast<int>(C), bt, c);  // R = [W | U]
+  if (!plain) forward_substitution<T>(R, static_cast<int>(W), KD, static_cast<int>(C), bt, c);  // R = [W | U]
   return {b, h, t0, c, factored};
 }
 
-// u = U - W S
+// u = U - W S (plain mode: u = v)
 template <typename T>
 void chunk_u(const Args<T>& a, Workspace<T>& ws, int c, const T* S) {
   const int64_t K = a.K, V = a.V, W = K + V;
   for (int i = 0; i < c; ++i) std::copy(ws.R + i * W + K, ws.R + i * W + W, ws.u + i * V);
-  gemm<T>(false, false, c, V, K, T(-1), ws.R, W, S, V, T(1), ws.u, V);
+  if (a.beta) gemm<T>(false, false, c, V, K, T(-1), ws.R, W, S, V, T(1), ws.u, V);
 }
 
 template <typename T>
@@ -281,6 +286,7 @@ void backward_chunk(const Args<T>& a, Workspace<T>& ws, int64_t n, int64_t ci) {
   const ChunkInfo ch = prepare_chunk(a, ws, n, ci);
   const int c = ch.c;
   const T scale = a.scale, GC = ws.G[c - 1], dec = std::exp(GC);
+  const bool plain = a.beta == nullptr;
   const T* S = a.states + (ci * N + n) * K * V;
   chunk_u(a, ws, c, S);
   const int64_t row0 = (ch.b * TT + ch.t0) * H + ch.h;  // (b, t0, h) flat
@@ -305,8 +311,16 @@ void backward_chunk(const Args<T>& a, Workspace<T>& ws, int64_t n, int64_t ci) {
   const T ddec = a.g ? dot(dS, S, K * V) : T(0);
   // dS_before = dec dS - W^T du + (the direct terms above)
   for (int64_t e = 0; e < K * V; ++e) dSp[e] += dec * dS[e];
-  gemm<T>(true, false, K, V, c, T(-1), WU, W, du, V, T(1), dSp, V);
+  if (!plain) gemm<T>(true, false, K, V, c, T(-1), WU, W, du, V, T(1), dSp, V);
   std::swap(ws.dS, ws.dSp);
+  T* dvr = a.dv + row0 * V;
+  if (plain) {  // u = v: dv = du; no triangular system, no beta, no k k^T term
+    for (int i = 0; i < c; ++i) {
+      std::copy(du + i * V, du + (i + 1) * V, dvr + i * tv);
+      dG[i] = 0;
+      std::fill(dA + i * C, dA + i * C + c, T(0));  // dKD = 0
+    }
+  } else {
   // [dW | dU] = [-du S^T | du], then dR = (I + A)^{-T} [dW | dU]
   gemm<T>(false, true, c, K, V, T(-1), du, V, S, V, T(0), dR, W);
   for (int i = 0; i < c; ++i) std::copy(du + i * V, du + (i + 1) * V, dR + i * W + K);
@@ -314,7 +328,6 @@ void backward_chunk(const Args<T>& a, Workspace<T>& ws, int64_t n, int64_t ci) {
   // dA = -(dR WU^T), strictly lower
   gemm<T>(false, true, c, c, W, T(-1), dR, W, WU, W, T(0), dA, C);
   const T* vrow = a.v + row0 * V;
-  T* dvr = a.dv + row0 * V;
   T* dbr = a.dbeta + row0;
   for (int i = 0; i < c; ++i) {
     std::fill(dA + i * C + i, dA + i * C + c, T(0));
@@ -327,6 +340,7 @@ void backward_chunk(const Args<T>& a, Workspace<T>& ws, int64_t n, int64_t ci) {
     for (int64_t d = 0; d < V; ++d) dvr[i * tv + d] = dRv[d] * bi;
     for (int j = 0; j < i; ++j) dA[i * C + j] *= bi;  // now dKD
   }
+  }
   T* dKD = dA;
   if (a.g) {  // dG_i from the parametrisation by D (see the eager backward)
     for (int i = 0; i < c; ++i) dG[i] += scale * dot(dqg + i * K, qg + i * K, K);
@@ -334,7 +348,7 @@ void backward_chunk(const Args<T>& a, Workspace<T>& ws, int64_t n, int64_t ci) {
     for (int i = 0; i < c; ++i) {
       T rs = 0;
       for (int j = 0; j <= i; ++j) {
-        const T z = dKD[i * C + j] * KD[i * C + j] + scale * dP[i * C + j] * P[i * C + j];
+        const T z = (plain ? T(0) : dKD[i * C + j] * KD[i * C + j]) + scale * dP[i * C + j] * P[i * C + j];
         rs += z;
         dG[j] -= z;
       }
@@ -356,10 +370,14 @@ void backward_chunk(const Args<T>& a, Workspace<T>& ws, int64_t n, int64_t ci) {
     }
     gemm<T>(false, false, c, K, c, scale, dP, C, kd, K, scale, dqg, K);  // dqg_t
     gemm<T>(true, false, c, K, c, scale, dP, C, qg, K, T(1), dkd, K);    // dkd_t
-    gemm<T>(true, false, c, K, c, T(1), dKD, C, kg, K, T(1), dkd, K);
-    for (int i = 0; i < c; ++i)
-      for (int64_t d = 0; d < K; ++d) dkg[i * K + d] = dR[i * W + d] * ws.bt[i];
-    gemm<T>(false, false, c, K, c, T(1), dKD, C, kd, K, T(1), dkg, K);  // dkg_t
+    if (plain) {
+      std::fill(dkg, dkg + c * K, T(0));
+    } else {
+      gemm<T>(true, false, c, K, c, T(1), dKD, C, kg, K, T(1), dkd, K);
+      for (int i = 0; i < c; ++i)
+        for (int64_t d = 0; d < K; ++d) dkg[i * K + d] = dR[i * W + d] * ws.bt[i];
+      gemm<T>(false, false, c, K, c, T(1), dKD, C, kd, K, T(1), dkg, K);  // dkg_t
+    }
     for (int i = 0; i < c; ++i) {
       const T eg = ws.EG[i], ed = ws.ED[i];
       for (int64_t d = 0; d < K; ++d) {
@@ -384,12 +402,12 @@ void backward_chunk(const Args<T>& a, Workspace<T>& ws, int64_t n, int64_t ci) {
       const T eg = ws.EG[i], ed = ws.ED[i], bi = ws.bt[i];
       for (int64_t d = 0; d < K; ++d) {
         dqg[i * K + d] *= scale * eg;
-        dkg[i * K + d] = dR[i * W + d] * bi * eg + dkd[i * K + d] * ed;
+        dkg[i * K + d] = (plain ? T(0) : dR[i * W + d] * bi * eg) + dkd[i * K + d] * ed;
       }
     }
     gemm<T>(false, false, c, K, c, scale, dP, C, kb, K, T(1), dqg, K);
     gemm<T>(true, false, c, K, c, scale, dP, C, qb, K, T(1), dkg, K);
-    gemm<T>(false, false, c, K, c, T(1), dKD, C, kb, K, T(1), dkg, K);
+    if (!plain) gemm<T>(false, false, c, K, c, T(1), dKD, C, kb, K, T(1), dkg, K);
     for (int i = 0; i < c; ++i) {
       std::copy(dqg + i * K, dqg + (i + 1) * K, dqr + i * ts);
       std::copy(dkg + i * K, dkg + (i + 1) * K, dkr + i * ts);
