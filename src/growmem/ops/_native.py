@@ -2,7 +2,8 @@
 
 Today: the forward and backward of the chunked (gated) delta rule (``_kernels/delta_rule.cpp``, used by
 :func:`growmem.ops.delta_rule.chunk_delta_rule` / ``chunk_gated_delta_rule`` and so by every DeltaNet /
-Gated DeltaNet layer, Memory Caching wrapper and model on CPU), and Memory Caching's reads of cached
+Gated DeltaNet layer, Memory Caching wrapper and model on CPU; with ``beta = None`` the same kernel
+runs linear attention and scalar-decay GLA for :func:`growmem.ops.gla.chunk_gla`), and Memory Caching's reads of cached
 matrix states: SSC's selected reads (``_kernels/selected_read.cpp``) and GRM / Soup's gated reads
 (``_kernels/gated_read.cpp``), used by :class:`growmem.caching.CachedMemory`.
 

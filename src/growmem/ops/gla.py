@@ -33,7 +33,10 @@ gradients only). It works in blocks of chunks (:func:`_chunks_per_block`), gathe
 chunk-major layout ``[chunks * B * H, C, D]`` so that every product is one batched matmul, and its
 temporaries stay small: cache-resident, and recycled by the allocator instead of freshly paged in on
 every call as whole-sequence temporaries would be. Only the elementwise state recurrence runs per
-chunk. The per-key decay keeps the plain-autograd path (:func:`_chunk_gla_per_key`).
+chunk. The per-key decay keeps the plain-autograd path (:func:`_chunk_gla_per_key`). On CPU, for
+float32 / float64 inputs, the no / scalar-decay forward and backward run the fused delta-rule kernel
+of :mod:`growmem.ops._native` with ``beta = None`` (no delta correction: ``u = v``); without a
+compiler, with ``GROWMEM_NATIVE=0``, on GPU or in half precision the blocked form above runs.
 """
 
 from __future__ import annotations
