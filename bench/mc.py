@@ -7,8 +7,9 @@
 
 For each base memory: the base alone, Residual, GRM, Soup and SSC (top_k = 2) with constant segments
 (C = 256) and with logarithmic segments, plus causal SDPA attention. B = 1, 4 heads of dim 64,
-fp32. Time: best of ``--reps`` forward+backward passes. Memory: bytes of the tensors autograd saves
-for the backward pass (deduplicated by storage), a deterministic proxy for training memory.
+fp32. Time: best of ``--reps`` forward+backward passes (backward from a fixed random output
+gradient). Memory: bytes of the tensors autograd saves for the backward pass (deduplicated by
+storage), a deterministic proxy for training memory.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import json
 import torch
 import torch.nn.functional as F
 
-from common import best_time
+from common import backward_with_random_grad, best_time
 from growmem.caching import CachedMemory, MCConfig
 from growmem.memories import GatedDeltaNetMemory, LinearAttentionMemory
 from growmem.memories.deep import DLAMemory, TitansMemory
@@ -80,7 +81,7 @@ def run(Ls, bases, H, D, chunk, seg, top_k, reps) -> list[dict]:
                     return mem(q, k, v, gates, initial_state=cache)[0]
 
                 def fwd_bwd(fwd=fwd):
-                    fwd().sum().backward()
+                    backward_with_random_grad(fwd())
 
                 row = {"L": L, "model": name, "fwd_bwd_s": best_time(fwd_bwd, reps),
                        "saved_MB": saved_bytes(fwd) / 2**20}
@@ -92,7 +93,8 @@ def run(Ls, bases, H, D, chunk, seg, top_k, reps) -> list[dict]:
         def sdpa(q=q, k=k, v=v):
             return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
-        row = {"L": L, "model": "sdpa (causal)", "fwd_bwd_s": best_time(lambda: sdpa().sum().backward(), reps),
+        row = {"L": L, "model": "sdpa (causal)",
+               "fwd_bwd_s": best_time(lambda: backward_with_random_grad(sdpa()), reps),
                "saved_MB": saved_bytes(sdpa) / 2**20}
         rows.append(row)
         print(json.dumps(row), flush=True)
@@ -118,7 +120,7 @@ def ratios(Ls, bases, H, D, chunk, seg, top_k, rounds) -> list[dict]:
                     if "u" in mem.input_projections:
                         gates["u"] = u
                     cache = mem.new_state(1, L) if isinstance(mem, CachedMemory) else None
-                    mem(q, k, v, gates, initial_state=cache)[0].sum().backward()
+                    backward_with_random_grad(mem(q, k, v, gates, initial_state=cache)[0])
 
                 fwd_bwd()  # warm-up
                 fns[name] = fwd_bwd

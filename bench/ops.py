@@ -18,7 +18,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from common import best_time
+from common import backward_with_random_grad, best_time
 from growmem.ops.delta_rule import chunk_gated_delta_rule, naive_gated_delta_rule
 from growmem.ops.gla import chunk_gla, naive_gla
 from growmem.ops.linear_attn import chunk_linear_attn, naive_linear_attn
@@ -81,7 +81,7 @@ def run(Ts: list[int], B: int, H: int, D: int, C: int, reps: int, naive_max_bwd:
 
             def fwd_bwd(fn=fast, ins=ins):
                 out = fn(*ins)
-                out.sum().backward()
+                backward_with_random_grad(out)
 
             row = {"op": name, "T": T, "B": B, "H": H, "D": D, "chunk": C,
                    "fwd_s": best_time(fwd, reps), "fwd_bwd_s": best_time(fwd_bwd, reps)}

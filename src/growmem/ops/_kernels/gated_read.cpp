@@ -8,10 +8,11 @@
 // Backward: dr [B, T, H, V] in; dS [B, N, H, K, V], dq [B, T, H, K], dg [B, T, H, N] out (written in
 // full; dg is 0 at i >= n_p).
 //
-// Worker threads take contiguous groups of (batch, head) rows. Per row, piece and visible memory i:
-// forward r_p += (scale g_i q_p) S_i (one GEMM into r's rows); backward d(g_i q_p) = dr_p S_i^T and
-// dS_i += (scale g_i q_p)^T dr_p (two GEMMs), dq and dg from d(g_i q_p). Nothing of size [T, N, K] is
-// ever formed.
+// Worker threads take contiguous groups of (batch, head) rows. Per row the cached states are stacked
+// once into [S_0; ..; S_{N-1}] ([N K, V]); per piece p (L tokens, n states visible), in weighted-query
+// form Qw = [scale g_0 q | .. | scale g_{n-1} q] ([L, n K]): forward r_p = Qw [S_0; ..] (one GEMM into
+// r's rows); backward dQw = dr_p [S_0; ..]^T and d[S_0; ..] += Qw^T dr_p (two GEMMs), dq and dg from
+// dQw. Only per-piece buffers ([L, n K]) are formed, never [T, N, K].
 
 #include <algorithm>
 #include <cstdint>
@@ -34,34 +35,56 @@ struct GatedArgs {
   T scale;
 };
 
-// qw[t] = scale g[t, i] q[t] for the L tokens of a piece starting at t0 (row stride H of the inputs)
+// The cached states S_0 .. S_{n-1} of one (batch, head) row stacked into a contiguous [n K, V] buffer,
+// so that a piece reads all of its visible states in one GEMM.
 template <typename T>
-void weighted_queries(const GatedArgs<T>& a, int64_t b, int64_t h, int64_t t0, int64_t L, int64_t i, T* qw) {
+void stack_states(const GatedArgs<T>& a, int64_t b, int64_t h, int64_t n, T* out) {
+  const int64_t H = a.H, K = a.K, V = a.V, N = a.N;
+  for (int64_t i = 0; i < n; ++i) std::copy_n(a.cached + ((b * N + i) * H + h) * K * V, K * V, out + i * K * V);
+}
+
+// Qw[t, i K + d] = scale g[t, i] q[t, d] for the L tokens of a piece starting at t0 and its n states
+template <typename T>
+void weighted_queries(const GatedArgs<T>& a, int64_t b, int64_t h, int64_t t0, int64_t L, int64_t n, T* Qw) {
   const int64_t H = a.H, K = a.K, N = a.N, TT = a.T_;
   for (int64_t t = 0; t < L; ++t) {
     const int64_t row = (b * TT + t0 + t) * H + h;
-    const T wt = a.scale * a.g[row * N + i];
     const T* qt = a.q + row * K;
-    T* out = qw + t * K;
-    for (int64_t d = 0; d < K; ++d) out[d] = wt * qt[d];
+    const T* gt = a.g + row * N;
+    T* out = Qw + t * n * K;
+    for (int64_t i = 0; i < n; ++i) {
+      const T w = a.scale * gt[i];
+      for (int64_t d = 0; d < K; ++d) out[i * K + d] = w * qt[d];
+    }
   }
+}
+
+int64_t max_count(const int64_t* counts, int64_t P, int64_t N) {
+  int64_t m = 0;
+  for (int64_t p = 0; p < P; ++p) m = std::max(m, std::min(counts[p], N));
+  return m;
 }
 
 template <typename T>
 void gated_forward_row(const GatedArgs<T>& a, int64_t n, std::vector<T>& buf) {
   const int64_t TT = a.T_, H = a.H, K = a.K, V = a.V, N = a.N;
   const int64_t b = n / H, h = n % H;
+  const int64_t nmax = max_count(a.counts, a.P, N);
+  int64_t Lmax = 0;
+  for (int64_t p = 0; p < a.P; ++p) Lmax = std::max(Lmax, a.sizes[p]);
+  buf.resize(nmax * K * V + Lmax * nmax * K);
+  T* Sst = buf.data();
+  T* Qw = Sst + nmax * K * V;
+  stack_states(a, b, h, nmax, Sst);
   int64_t t0 = 0;
   for (int64_t p = 0; p < a.P; ++p) {
     const int64_t L = a.sizes[p], np = std::min(a.counts[p], N);
     T* rp = a.r + ((b * TT + t0) * H + h) * V;
-    if (np == 0)
+    if (np == 0) {
       for (int64_t t = 0; t < L; ++t) std::fill_n(rp + t * H * V, V, T(0));
-    buf.resize(L * K);
-    for (int64_t i = 0; i < np; ++i) {
-      weighted_queries(a, b, h, t0, L, i, buf.data());
-      const T* S = a.cached + ((b * N + i) * H + h) * K * V;
-      gemm<T>(false, false, L, V, K, T(1), buf.data(), K, S, V, i == 0 ? T(0) : T(1), rp, H * V);
+    } else {
+      weighted_queries(a, b, h, t0, L, np, Qw);
+      gemm<T>(false, false, L, V, np * K, T(1), Qw, np * K, Sst, V, T(0), rp, H * V);  // r = Qw [S_0; ..]
     }
     t0 += L;
   }
@@ -71,40 +94,51 @@ template <typename T>
 void gated_backward_row(const GatedArgs<T>& a, int64_t n, std::vector<T>& buf) {
   const int64_t TT = a.T_, H = a.H, K = a.K, V = a.V, N = a.N;
   const int64_t b = n / H, h = n % H;
-  for (int64_t i = 0; i < N; ++i) std::fill_n(a.dS + ((b * N + i) * H + h) * K * V, K * V, T(0));
+  const int64_t nmax = max_count(a.counts, a.P, N);
+  int64_t Lmax = 0;
+  for (int64_t p = 0; p < a.P; ++p) Lmax = std::max(Lmax, a.sizes[p]);
+  buf.assign(2 * nmax * K * V + 2 * Lmax * nmax * K, T(0));
+  T* Sst = buf.data();
+  T* dSst = Sst + nmax * K * V;  // [nmax K, V], accumulated over pieces
+  T* Qw = dSst + nmax * K * V;   // [L, n K]
+  T* dQw = Qw + Lmax * nmax * K;  // [L, n K]
+  stack_states(a, b, h, nmax, Sst);
   int64_t t0 = 0;
   for (int64_t p = 0; p < a.P; ++p) {
-    const int64_t L = a.sizes[p], np = std::min(a.counts[p], N);
+    const int64_t L = a.sizes[p], np = std::min(a.counts[p], N), nK = np * K;
+    const T* drp = a.dr + ((b * TT + t0) * H + h) * V;
+    if (np > 0) gemm<T>(false, true, L, nK, V, T(1), drp, H * V, Sst, V, T(0), dQw, nK);  // dQw = dr [S_0; ..]^T
     for (int64_t t = 0; t < L; ++t) {
       const int64_t row = (b * TT + t0 + t) * H + h;
-      std::fill_n(a.dq + row * K, K, T(0));
-      std::fill_n(a.dg + row * N, N, T(0));
-    }
-    const T* drp = a.dr + ((b * TT + t0) * H + h) * V;
-    buf.resize(2 * L * K);
-    T* qw = buf.data();
-    T* dqw = qw + L * K;
-    for (int64_t i = 0; i < np; ++i) {
-      const T* S = a.cached + ((b * N + i) * H + h) * K * V;
-      gemm<T>(false, true, L, K, V, T(1), drp, H * V, S, V, T(0), dqw, K);  // d(g_i q) = dr S_i^T
-      for (int64_t t = 0; t < L; ++t) {
-        const int64_t row = (b * TT + t0 + t) * H + h;
-        const T gt = a.scale * a.g[row * N + i];
-        const T* qt = a.q + row * K;
-        const T* dw = dqw + t * K;
-        T* dqt = a.dq + row * K;
+      const T* qt = a.q + row * K;
+      const T* gt = a.g + row * N;
+      T* dqt = a.dq + row * K;
+      T* dgt = a.dg + row * N;
+      std::fill_n(dqt, K, T(0));
+      std::fill_n(dgt, N, T(0));
+      for (int64_t i = 0; i < np; ++i) {
+        const T* dw = dQw + t * nK + i * K;
+        const T w = a.scale * gt[i];
         T dot = 0;
         for (int64_t d = 0; d < K; ++d) {
-          dqt[d] += gt * dw[d];
+          dqt[d] += w * dw[d];
           dot += dw[d] * qt[d];
         }
-        a.dg[row * N + i] = a.scale * dot;
+        dgt[i] = a.scale * dot;
       }
-      weighted_queries(a, b, h, t0, L, i, qw);
-      T* dS = a.dS + ((b * N + i) * H + h) * K * V;
-      gemm<T>(true, false, K, V, L, T(1), qw, K, drp, H * V, T(1), dS, V);  // dS_i += (g_i q)^T dr
+    }
+    if (np > 0) {
+      weighted_queries(a, b, h, t0, L, np, Qw);
+      gemm<T>(true, false, nK, V, L, T(1), Qw, nK, drp, H * V, T(1), dSst, V);  // d[S_0; ..] += Qw^T dr
     }
     t0 += L;
+  }
+  for (int64_t i = 0; i < N; ++i) {
+    T* dS = a.dS + ((b * N + i) * H + h) * K * V;
+    if (i < nmax)
+      std::copy_n(dSst + i * K * V, K * V, dS);
+    else
+      std::fill_n(dS, K * V, T(0));
   }
 }
 
