@@ -57,8 +57,9 @@ inputs and the saved chunk states and runs the adjoint recurrence in reverse.
 On CPU, for float32 / float64 inputs, forward and backward run a fused C++ kernel instead
 (:mod:`growmem.ops._native`: the same equations chunk by chunk, every temporary in cache, one worker
 thread per group of heads; on 2 cores about 2x faster forward and 1.6x forward+backward than the
-eager blocks above, see ``docs/benchmarks.md``). It is compiled on first use and is optional: without a C++ compiler, with
-``GROWMEM_NATIVE=0``, on GPU and in half precision the eager path runs. Tests run both paths.
+eager blocks above, see ``docs/benchmarks.md``). It is compiled on first use and is optional:
+without a C++ compiler, with ``GROWMEM_NATIVE=0``, on GPU and in half precision the eager path runs.
+Tests run both paths.
 """
 
 from __future__ import annotations
