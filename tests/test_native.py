@@ -486,3 +486,53 @@ def test_gla_kernel_as_accurate_as_eager(monkeypatch, dtype, gate, T, C):
     for a, b, r in zip(fused, eager, ref, strict=True):
         err_fused, err_eager = rel_err(a.double(), r), rel_err(b.double(), r)
         assert err_fused <= max(2 * err_eager, floor), (err_fused, err_eager)
+
+
+# -- pooled keys and the online memory's score ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("pooling", ["sum", "mean"])
+@pytest.mark.parametrize("pieces,count0,with_pool", [
+    ([(0, 5, True), (5, 13, True), (13, 16, False)], 0, False),  # fresh start, last piece open
+    ([(0, 3, True), (3, 11, True)], 5, True),  # continues a segment (its pool carried in), ends on a segment
+    ([(0, 7, False)], 2, True),  # one open piece continuing a segment: no finished pool (J = 0)
+    ([(0, 7, False)], 4, False),  # continues a segment whose pool is None (zero)
+])
+def test_pool_scores_kernel_equals_eager(monkeypatch, dtype, pooling, pieces, count0, with_pool):
+    """CachedMemory._pools through the fused kernel (online scores, finished pools, running pool) and the
+    grads of u, k and the carried-in pool equal the PyTorch path, for fresh and continued segments,
+    sum and mean pooling."""
+    require_native()
+    import growmem.caching.wrapper as wr
+    from growmem.caching import CachedMemory, MCConfig, MCState
+    from growmem.memories import LinearAttentionMemory
+
+    mem = CachedMemory(LinearAttentionMemory(2, 4, 4, 8), "grm", MCConfig(segment_size=8, pooling=pooling))
+    T = pieces[-1][1]
+    gen = torch.Generator().manual_seed(T + count0)
+    u, k = (torch.randn(2, T, 2, 4, generator=gen, dtype=dtype) for _ in range(2))
+    p0 = torch.randn(2, 2, 4, generator=gen, dtype=dtype) if with_pool else None
+    w = [torch.randn(2, T, 2, 1, generator=gen, dtype=dtype), None, torch.randn(2, 2, 4, generator=gen, dtype=dtype)]
+    ran = []
+    monkeypatch.setattr(wr._FusedPoolScores, "forward",
+                        staticmethod(lambda ctx, *a, f=wr._FusedPoolScores.forward: ran.append(1) or f(ctx, *a)))
+
+    def run(native):
+        leaves = [x.clone().requires_grad_(True) for x in (u, k)] + ([p0.clone().requires_grad_(True)] if with_pool
+                                                                      else [])
+        st = MCState(pool=leaves[2] if with_pool else None, count=count0)
+        with monkeypatch.context() as m:
+            if not native:
+                m.setenv("GROWMEM_NATIVE", "0")
+            fin, s_on, last = mem._pools(leaves[1], leaves[0], st, pieces)
+        loss = (s_on * w[0]).sum() + (last * w[2]).sum() + (0 if fin is None else (fin * fin).sum())
+        return [s_on, last] + ([] if fin is None else [fin]) + list(torch.autograd.grad(loss, leaves))
+
+    fused = run(True)
+    assert ran
+    eager = run(False)
+    assert len(fused) == len(eager)
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    for a, b in zip(fused, eager, strict=True):
+        assert rel_err(a, b) < tol

@@ -237,14 +237,14 @@ class CachedMemory(Memory):
             contexts = None
         cached = _cat1(st.cached, seg_states)
         if self.uses_connector:
-            pools_new, pool_on, pool_last = self._pools(k, st, pieces)
+            pools_new, s_on, pool_last = self._pools(k, u, st, pieces)
         else:  # Residual / average never look at pooled keys; keep only their count (the cache size)
             n_new = sum(e for _, _, e in pieces)
             pools_new = k.new_zeros(B, n_new, 0) if n_new else None
-            pool_on, pool_last = None, None
+            s_on, pool_last = None, None
         pools = _cat1(st.pools, pools_new)
         read_cached = tree_map(torch.Tensor.detach, cached) if self.config.detach_cached else cached
-        y = self._aggregate(q, u, o_on, pool_on, read_cached, pools, st.num_cached, pieces, contexts)
+        y = self._aggregate(q, u, o_on, s_on, read_cached, pools, st.num_cached, pieces, contexts)
         if not output_final_state:
             return y, None
         last_ends = pieces[-1][2]
@@ -340,10 +340,18 @@ class CachedMemory(Memory):
         return torch.cat(outs, 1) if len(outs) > 1 else outs[0], _stack1(seg_states), state, contexts
 
     # -- pooled keys -------------------------------------------------------------------------------
-    def _pools(self, k, st: MCState, pieces):
+    def _pools(self, k, u, st: MCState, pieces):
         """Pooled keys of the segments finished in this window ``[B, J, H, K]`` (or None), the online
-        pool of every token ``[B, T, H, K]`` and the running pool after the window."""
+        memory's score of every token ``s_on = <u_t, online pool_t>`` ``[B, T, H, 1]``, and the running
+        pool after the window. On CPU the fused kernel does this in one pass without forming the online
+        pools ``[B, T, H, K]`` (:class:`_FusedPoolScores`)."""
         mean = self.config.pooling == "mean"
+        p0 = st.pool if st.count > 0 else None
+        if _native.pool_scores_applies(u, k, p0):
+            sizes = [hi - lo for lo, hi, _ in pieces]
+            ends = [int(bool(e)) for _, _, e in pieces]
+            s_on, fin, last = _FusedPoolScores.apply(u, k, p0, sizes, ends, st.count, mean)
+            return (fin if sum(ends) else None), s_on[..., None], last
         on, fin = [], []
         last = None
         for i, ((lo, hi, e), kj) in enumerate(zip(pieces, k.split([hi - lo for lo, hi, _ in pieces], 1), strict=True)):
@@ -361,27 +369,27 @@ class CachedMemory(Memory):
             if e:
                 fin.append(c[:, -1])
         pool_on = torch.cat(on, 1) if len(on) > 1 else on[0]
-        return (torch.stack(fin, 1) if fin else None), pool_on, last
+        return (torch.stack(fin, 1) if fin else None), torch.linalg.vecdot(u, pool_on)[..., None], last
 
     # -- aggregation ---------------------------------------------------------------------------------
-    def _scores(self, u, pool_on, pools, n0, pieces):
+    def _scores(self, u, s_on, pools, n0, pieces):
         """Scores of every token of the window (Eqs. 9, 16): ``s_on [B, T, H, 1]`` = <u_t, online pool>
-        and ``scores [B, T, H, N]`` = <u_t, p(i)>, -inf for the memories not yet cached at t (a token
-        of piece j sees the first n0 + j)."""
+        (from :meth:`_pools`, passed through) and ``scores [B, T, H, N]`` = <u_t, p(i)>, -inf for the
+        memories not yet cached at t (a token of piece j sees the first n0 + j)."""
         N = pools.shape[1]
         dev = u.device
         sizes = torch.tensor([hi - lo for lo, hi, _ in pieces], device=dev)
         n_tok = torch.repeat_interleave(torch.arange(n0, n0 + len(pieces), device=dev), sizes)  # [T]
         hidden = torch.arange(N, device=dev)[None, :] >= n_tok[:, None]  # [T, N]
         scores = torch.einsum("bthk,bnhk->bthn", u, pools).masked_fill(hidden[None, :, None, :], -math.inf)
-        return torch.linalg.vecdot(u, pool_on)[..., None], scores
+        return s_on, scores
 
-    def _aggregate(self, q, u, o_on, pool_on, cached, pools, n0, pieces, contexts=None):
+    def _aggregate(self, q, u, o_on, s_on, cached, pools, n0, pieces, contexts=None):
         agg = self.aggregation
         if pools is None or n0 + len(pieces) - 1 == 0:
             return o_on  # no token of this window sees a cached memory: every variant is the base memory
         if agg == "ssc":
-            return self._ssc(q, u, o_on, pool_on, cached, pools, n0, pieces)
+            return self._ssc(q, u, o_on, s_on, cached, pools, n0, pieces)
         # torch.split, not slicing: a slice's backward fills a zero tensor of the full size, per piece
         sizes = [hi - lo for lo, hi, _ in pieces]
         counts = [n0 + j for j in range(len(pieces))]
@@ -407,7 +415,7 @@ class CachedMemory(Memory):
                 outs.append(oj + (r / n if agg == "avg" else r))
             return torch.cat(outs, 1) if len(outs) > 1 else outs[0]
         # GRM / Soup: one softmax over the online memory and every cached one, masked by position
-        s_on, scores = self._scores(u, pool_on, pools, n0, pieces)
+        s_on, scores = self._scores(u, s_on, pools, n0, pieces)
         gamma = torch.softmax(torch.cat([s_on, scores], -1) / self.config.temperature, dim=-1)
         g_on, g_c = gamma[..., :1], gamma[..., 1:]  # [B, T, H, 1], [B, T, H, N] (0 where not cached)
         if lin and _native.selected_read_applies(cached, q, g_c):  # CPU kernel: no [B, H, N*K, V] copy
@@ -428,7 +436,7 @@ class CachedMemory(Memory):
                 outs.append(gon * oj + r)
         return torch.cat(outs, 1) if len(outs) > 1 else outs[0]
 
-    def _ssc(self, q, u, o_on, pool_on, cached, pools, n0, pieces):
+    def _ssc(self, q, u, o_on, s_on, cached, pools, n0, pieces):
         """Sparse Selective Caching: per token, softmax over the online memory and the ``top_k`` cached
         memories with the largest <u_t, p(i)> (Eqs. 16-17); only those are read.
 
@@ -442,7 +450,7 @@ class CachedMemory(Memory):
         B, T, H, K = q.shape
         kmax = self.config.top_k
         n_total = pools.shape[1]
-        s_on, scores = self._scores(u, pool_on, pools, n0, pieces)
+        s_on, scores = self._scores(u, s_on, pools, n0, pieces)
         kk = min(kmax, n_total)
         top, idx = scores.topk(kk, dim=-1)
         gamma = torch.softmax(torch.cat([s_on, top], -1) / self.config.temperature, dim=-1)
@@ -589,3 +597,25 @@ class _FusedGatedRead(torch.autograd.Function):
         cached, q, g = ctx.saved_tensors
         dS, dq, dg = _native.gated_read_backward(cached, q, g, ctx.sizes, ctx.counts, dout, ctx.scale)
         return dS, dq, dg, None, None, None
+
+
+class _FusedPoolScores(torch.autograd.Function):
+    """The pooled keys and the online memory's score (:meth:`CachedMemory._pools`) through the fused CPU
+    kernel: ``(s_on [B, T, H], pools [B, J, H, K], last [B, H, K])`` from ``u, k [B, T, H, K]``, the
+    continued segment's pool ``p0 [B, H, K]`` (or None), the pieces' ``sizes`` and ``ends``, the
+    tokens ``count0`` of the continued segment seen before, and ``mean`` pooling."""
+
+    @staticmethod
+    def forward(ctx, u, k, p0, sizes, ends, count0, mean):
+        ctx.save_for_backward(u, k, p0)
+        ctx.sizes, ctx.ends, ctx.count0, ctx.mean = sizes, ends, count0, mean
+        ctx.set_materialize_grads(False)
+        return _native.pool_scores_forward(u, k, p0, sizes, ends, count0, mean)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, ds, dpools, dlast):
+        u, k, p0 = ctx.saved_tensors
+        du, dk, dp0 = _native.pool_scores_backward(u, k, p0, ctx.sizes, ctx.ends, ctx.count0, ctx.mean, ds,
+                                                   dpools, dlast)
+        return du, dk, dp0, None, None, None, None

@@ -5,7 +5,8 @@ Today: the forward and backward of the chunked (gated) delta rule (``_kernels/de
 Gated DeltaNet layer, Memory Caching wrapper and model on CPU; with ``beta = None`` the same kernel
 runs linear attention and scalar-decay GLA for :func:`growmem.ops.gla.chunk_gla`), and Memory Caching's reads of cached
 matrix states: SSC's selected reads (``_kernels/selected_read.cpp``) and GRM / Soup's gated reads
-(``_kernels/gated_read.cpp``), used by :class:`growmem.caching.CachedMemory`.
+(``_kernels/gated_read.cpp``), and its pooled keys with the online memory's score
+(``_kernels/pool_scores.cpp``), used by :class:`growmem.caching.CachedMemory`.
 
 The kernels in ``growmem/ops/_kernels/*.cpp`` are plain C++ with a C interface: no torch headers, so
 a build takes a few seconds, not the minute of a ``torch.utils.cpp_extension`` build. Their matrix
@@ -47,6 +48,9 @@ __all__ = [
     "gated_read_forward",
     "native_available",
     "native_enabled",
+    "pool_scores_applies",
+    "pool_scores_backward",
+    "pool_scores_forward",
     "selected_read_applies",
     "selected_read_backward",
     "selected_read_forward",
@@ -131,6 +135,10 @@ def _build() -> ctypes.CDLL:
         fwd.restype = bwd.restype = ctypes.c_int
         fwd.argtypes = [ptr] * 6 + [i64] * 7 + [dbl, ctypes.c_int]
         bwd.argtypes = [ptr] * 9 + [i64] * 7 + [dbl, ctypes.c_int]
+        fwd, bwd = getattr(lib, f"growmem_pool_scores_fwd_{sfx}"), getattr(lib, f"growmem_pool_scores_bwd_{sfx}")
+        fwd.restype = bwd.restype = ctypes.c_int
+        fwd.argtypes = [ptr] * 8 + [i64] * 7 + [ctypes.c_int, ctypes.c_int]
+        bwd.argtypes = [ptr] * 11 + [i64] * 7 + [ctypes.c_int, ctypes.c_int]
     return lib
 
 
@@ -313,3 +321,55 @@ def gated_read_backward(cached: torch.Tensor, q: torch.Tensor, g: torch.Tensor, 
           V, len(sizes), float(scale), torch.get_num_threads()) != 0:
         raise RuntimeError("growmem gated-read kernel failed")
     return dS, dq, dg
+
+
+def pool_scores_applies(u: torch.Tensor | None, k: torch.Tensor, p0: torch.Tensor | None) -> bool:
+    """Whether :func:`pool_scores_forward` covers these inputs (and the kernels are built)."""
+    if u is None or u.shape != k.shape:
+        return False
+    return _applies(tuple(x for x in (u, k, p0) if x is not None), ()) is not None
+
+
+def pool_scores_forward(u: torch.Tensor, k: torch.Tensor, p0: torch.Tensor | None, sizes: list[int],
+                        ends: list[int], count0: int, mean: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Memory Caching's pooled keys and online score in one pass (see ``_kernels/pool_scores.cpp``).
+
+    ``u, k [B, T, H, K]``; ``p0 [B, H, K]`` the continued segment's pool (or None); ``sizes`` / ``ends``
+    the window's pieces (tokens, 1 where a piece ends a segment); ``count0`` the tokens of the continued
+    segment seen before (0: the first piece starts a segment); ``mean`` pooling. Returns ``s [B, T, H]``
+    (``<u_t, pool_t>``), ``pools [B, J, H, K]`` (the pool at each segment end, J = sum(ends)) and
+    ``last [B, H, K]`` (the raw sum after the window, for the streaming state).
+    """
+    lib = _load()
+    u, k = u.contiguous(), k.contiguous()
+    p0 = None if p0 is None else p0.contiguous()
+    B, T, H, K = k.shape
+    sz, en = _pieces(sizes, [int(bool(e)) for e in ends], T)
+    J = int(en.sum())
+    s, pools, last = k.new_empty(B, T, H), k.new_empty(B, J, H, K), k.new_empty(B, H, K)
+    fn = lib.growmem_pool_scores_fwd_f32 if k.dtype == torch.float32 else lib.growmem_pool_scores_fwd_f64
+    if fn(_ptr(u), _ptr(k), _ptr(p0), _ptr(sz), _ptr(en), _ptr(s), _ptr(pools), _ptr(last), B, T, H, K, len(sizes),
+          J, int(count0), int(bool(mean)), torch.get_num_threads()) != 0:
+        raise RuntimeError("growmem pool-scores kernel failed")
+    return s, pools, last
+
+
+def pool_scores_backward(u: torch.Tensor, k: torch.Tensor, p0: torch.Tensor | None, sizes: list[int],
+                         ends: list[int], count0: int, mean: bool, ds: torch.Tensor | None,
+                         dpools: torch.Tensor | None, dlast: torch.Tensor | None
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Grads ``(du, dk, dp0)`` of :func:`pool_scores_forward` (``dp0`` None without ``p0``)."""
+    lib = _load()
+    u, k = u.contiguous(), k.contiguous()
+    p0 = None if p0 is None else p0.contiguous()
+    ds, dpools, dlast = (None if x is None else x.to(k.dtype).contiguous() for x in (ds, dpools, dlast))
+    B, T, H, K = k.shape
+    sz, en = _pieces(sizes, [int(bool(e)) for e in ends], T)
+    du, dk = torch.empty_like(u), torch.empty_like(k)
+    dp0 = None if p0 is None else torch.empty_like(p0)
+    fn = lib.growmem_pool_scores_bwd_f32 if k.dtype == torch.float32 else lib.growmem_pool_scores_bwd_f64
+    if fn(_ptr(u), _ptr(k), _ptr(p0), _ptr(sz), _ptr(en), _ptr(ds), _ptr(dpools), _ptr(dlast), _ptr(du), _ptr(dk),
+          _ptr(dp0), B, T, H, K, len(sizes), int(en.sum()), int(count0), int(bool(mean)),
+          torch.get_num_threads()) != 0:
+        raise RuntimeError("growmem pool-scores kernel failed")
+    return du, dk, dp0
