@@ -24,3 +24,14 @@ def require_native() -> None:
     if not any(shutil.which(c) for c in ("g++", "c++", "clang++")) and "CXX" not in os.environ:
         pytest.skip("no C++ compiler on this machine: the fused kernels cannot be built here")
     assert _native.native_available(), f"fused kernels failed to build: {_native._error}"
+
+
+def use_backend(backend: str, monkeypatch) -> None:
+    """``"native"``: require the fused CPU kernels (see :func:`require_native`); ``"eager"``: turn them
+    off (``GROWMEM_NATIVE=0``) so the PyTorch path runs."""
+    if backend == "eager":
+        monkeypatch.setenv("GROWMEM_NATIVE", "0")
+    elif backend == "native":
+        require_native()
+    else:
+        raise ValueError(f"unknown backend {backend!r}")

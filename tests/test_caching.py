@@ -22,7 +22,7 @@ from growmem.memories import (
     ScalarGLAMemory,
     SWLAMemory,
 )
-from helpers import rel_err
+from helpers import rel_err, use_backend
 
 BASES = [LinearAttentionMemory, ScalarGLAMemory, GLAMemory, SWLAMemory, DeltaNetMemory, GatedDeltaNetMemory]
 AGGS = ["res", "grm", "soup", "ssc", "avg"]
@@ -55,8 +55,7 @@ def run(mem, q, k, v, u, gates, state=None, final=False):
 @pytest.mark.parametrize("init", ["checkpoint", "restart"])
 @pytest.mark.parametrize("backend", ["native", "eager"])
 def test_parallel_equals_reference(base_cls, agg, init, backend, monkeypatch):
-    if backend == "eager":  # the PyTorch reads and ops instead of the fused CPU kernels
-        monkeypatch.setenv("GROWMEM_NATIVE", "0")
+    use_backend(backend, monkeypatch)  # the fused CPU kernels, or the PyTorch reads and ops
     mem = make(base_cls, agg, segment_size=8, init=init, top_k=2)
     q, k, v, u, gates = inputs(mem.base)
     y, _ = run(mem, q, k, v, u, gates)
@@ -288,8 +287,7 @@ def test_all_gradients_match_reference(base_cls, agg, top_k, backend, monkeypatc
     # every input (q, k, v, connector u, gates), through the batched selection and the hand-written
     # backward of the grouped reads (_SelectedRead) or the gated reads (_GatedRead), or their fused
     # CPU kernels (_FusedSelectedRead, _FusedGatedRead)
-    if backend == "eager":
-        monkeypatch.setenv("GROWMEM_NATIVE", "0")
+    use_backend(backend, monkeypatch)
     mem = make(base_cls, agg, segment_size=5, top_k=top_k)
     q, k, v, u, gates = inputs(mem.base)
     leaves = [x.detach().requires_grad_(True) for x in (q, k, v, u, *gates.values())]

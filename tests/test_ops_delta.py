@@ -1,7 +1,7 @@
 """Tests of growmem.ops.delta_rule: chunked (WY) vs naive loop vs single-token steps.
 
-Every test runs twice: with the fused CPU forward kernel (growmem.ops._native; float32 / float64) and
-with the eager PyTorch forward (``GROWMEM_NATIVE=0``). The backward is the same in both."""
+Every test runs twice: with the fused CPU kernels (growmem.ops._native; forward and backward, float32 /
+float64) and with the eager PyTorch forward and backward (``GROWMEM_NATIVE=0``)."""
 
 from __future__ import annotations
 
@@ -18,18 +18,15 @@ from growmem.ops.delta_rule import (
     step_delta_rule,
     step_gated_delta_rule,
 )
-from helpers import require_native
+from helpers import use_backend
 
 F64 = torch.float64
 
 
 @pytest.fixture(autouse=True, params=["native", "eager"])
 def forward_backend(request, monkeypatch):
-    """Run the test with the fused forward kernel, then with the eager forward."""
-    if request.param == "eager":
-        monkeypatch.setenv("GROWMEM_NATIVE", "0")
-    else:
-        require_native()
+    """Run the test with the fused CPU kernels, then with the PyTorch path."""
+    use_backend(request.param, monkeypatch)
     return request.param
 
 

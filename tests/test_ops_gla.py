@@ -14,18 +14,15 @@ import growmem.ops.gla as gla_mod
 from growmem.ops.gla import chunk_gla, naive_gla, step_gla
 from growmem.ops.linear_attn import chunk_linear_attn, naive_linear_attn, step_linear_attn
 from growmem.ops.utils import check_finite
-from helpers import require_native
+from helpers import use_backend
 
 F64 = torch.float64
 
 
 @pytest.fixture(autouse=True, params=["native", "eager"])
 def forward_backend(request, monkeypatch):
-    """Run the test with the fused kernel, then with the eager chunked form."""
-    if request.param == "eager":
-        monkeypatch.setenv("GROWMEM_NATIVE", "0")
-    else:
-        require_native()
+    """Run the test with the fused CPU kernels, then with the PyTorch path."""
+    use_backend(request.param, monkeypatch)
     return request.param
 
 
