@@ -66,19 +66,26 @@ def variants(base_name: str, H: int, D: int, chunk: int, seg: int, top_k: int):
             yield f"{base_name}+{agg} ({tag})", CachedMemory(cls(H, D, D, chunk), agg, cfg)
 
 
+def forward_fn(mem, L: int, H: int, D: int):
+    """A closure running ``mem`` forward on fixed random inputs of length ``L`` (fresh MC state each call)."""
+    (q, k, v, u), raw = make_inputs(L, H, D, mem)
+
+    def fwd():
+        gates = mem.make_gates(raw)
+        if "u" in mem.input_projections:
+            gates["u"] = u
+        cache = mem.new_state(1, L) if isinstance(mem, CachedMemory) else None
+        return mem(q, k, v, gates, initial_state=cache)[0]
+
+    return fwd
+
+
 def run(Ls, bases, H, D, chunk, seg, top_k, reps) -> list[dict]:
     rows = []
     for L in Ls:
         for base_name in bases:
             for name, mem in variants(base_name, H, D, chunk, seg, top_k):
-                (q, k, v, u), raw = make_inputs(L, H, D, mem)
-
-                def fwd(mem=mem, q=q, k=k, v=v, u=u, raw=raw, L=L):
-                    gates = mem.make_gates(raw)
-                    if "u" in mem.input_projections:
-                        gates["u"] = u
-                    cache = mem.new_state(1, L) if isinstance(mem, CachedMemory) else None
-                    return mem(q, k, v, gates, initial_state=cache)[0]
+                fwd = forward_fn(mem, L, H, D)
 
                 def fwd_bwd(fwd=fwd):
                     backward_with_random_grad(fwd())
@@ -113,14 +120,10 @@ def ratios(Ls, bases, H, D, chunk, seg, top_k, rounds) -> list[dict]:
             for name, mem in variants(base_name, H, D, chunk, seg, top_k):
                 if "(log)" in name:
                     continue
-                (q, k, v, u), raw = make_inputs(L, H, D, mem)
+                fwd = forward_fn(mem, L, H, D)
 
-                def fwd_bwd(mem=mem, q=q, k=k, v=v, u=u, raw=raw, L=L):
-                    gates = mem.make_gates(raw)
-                    if "u" in mem.input_projections:
-                        gates["u"] = u
-                    cache = mem.new_state(1, L) if isinstance(mem, CachedMemory) else None
-                    backward_with_random_grad(mem(q, k, v, gates, initial_state=cache)[0])
+                def fwd_bwd(fwd=fwd):
+                    backward_with_random_grad(fwd())
 
                 fwd_bwd()  # warm-up
                 fns[name] = fwd_bwd
