@@ -28,6 +28,26 @@ def _inputs(B, T, H, K, V, dtype, gated=True, seed=0, decay=2.0):
     return q, k, v, g, beta, s0
 
 
+def _spy(fn, calls: list):
+    """``fn`` wrapped to append to ``calls`` whether each call ran the kernel (a result other than
+    ``False`` / ``None``)."""
+
+    def wrapped(*a, **kw):
+        out = fn(*a, **kw)
+        calls.append(out is not False and out is not None)
+        return out
+
+    return wrapped
+
+
+def _count_forwards(monkeypatch, function_cls) -> list:
+    """Patch an ``autograd.Function``'s forward to record its calls; returns the record."""
+    ran: list = []
+    real = function_cls.forward
+    monkeypatch.setattr(function_cls, "forward", staticmethod(lambda ctx, *a: ran.append(1) or real(ctx, *a)))
+    return ran
+
+
 def _kernel(q, k, v, g, beta, s0, C, scale=0.3):
     B, T, H, K = q.shape
     V = v.shape[-1]
@@ -110,12 +130,7 @@ def test_chunk_op_runs_the_kernel_and_its_gradients_match_the_reference(monkeypa
     recomputing from the kernel's saved chunk states) gives the reference gradients."""
     require_native()
     calls = []
-
-    def spy(*a, **kw):
-        calls.append(_native.delta_rule_forward(*a, **kw))
-        return calls[-1]
-
-    monkeypatch.setattr(dr, "delta_rule_forward", spy)
+    monkeypatch.setattr(dr, "delta_rule_forward", _spy(_native.delta_rule_forward, calls))
     ins = [x.requires_grad_(True) for x in _inputs(1, 45, 2, 6, 5, torch.float64, seed=9)]
     q, k, v, g, beta, s0 = ins
     o, S = dr.chunk_gated_delta_rule(q, k, v, g, beta, initial_state=s0, output_final_state=True, chunk_size=8)
@@ -216,14 +231,7 @@ def test_backward_kernel_as_accurate_as_eager_backward(monkeypatch, dtype, gated
 
     ref = _grads(monkeypatch, False, leaves(torch.float64), gated, C, w64)
     calls = []
-    real = _native.delta_rule_backward
-
-    def spy(*a, **kw):
-        out = real(*a, **kw)
-        calls.append(out is not None)
-        return out
-
-    monkeypatch.setattr(dr, "delta_rule_backward", spy)
+    monkeypatch.setattr(dr, "delta_rule_backward", _spy(_native.delta_rule_backward, calls))
     w = tuple(x.to(dtype) for x in w64)
     fused = _grads(monkeypatch, True, leaves(dtype), gated, C, w)
     assert calls == [True]
@@ -327,9 +335,7 @@ def test_ssc_layer_uses_the_kernel_and_equals_the_eager_path(monkeypatch, base):
         q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
     raw = {n: torch.randn(1, T, 2, f, generator=gen, dtype=torch.float64) for n, f in mem.gate_features.items()}
     leaves = [x.requires_grad_(True) for x in (q, k, v, u, *raw.values())]
-    ran = []
-    monkeypatch.setattr(wr._FusedSelectedRead, "forward",
-                        staticmethod(lambda ctx, *a, f=wr._FusedSelectedRead.forward: ran.append(1) or f(ctx, *a)))
+    ran = _count_forwards(monkeypatch, wr._FusedSelectedRead)
 
     def run():
         gates = mem.make_gates(dict(zip(raw, leaves[4:], strict=True)))
@@ -399,9 +405,7 @@ def test_grm_layer_uses_the_kernel_and_equals_the_eager_path(monkeypatch, agg):
     gen = torch.Generator().manual_seed(5)
     T = 61
     leaves = [torch.randn(1, T, 2, 8, generator=gen, dtype=torch.float64).requires_grad_(True) for _ in range(4)]
-    ran = []
-    monkeypatch.setattr(wr._FusedGatedRead, "forward",
-                        staticmethod(lambda ctx, *a, f=wr._FusedGatedRead.forward: ran.append(1) or f(ctx, *a)))
+    ran = _count_forwards(monkeypatch, wr._FusedGatedRead)
 
     def run():
         y = mem(*leaves[:3], {"u": leaves[3]}, initial_state=mem.new_state(1, T))[0]
@@ -458,12 +462,7 @@ def test_gla_kernel_as_accurate_as_eager(monkeypatch, dtype, gate, T, C):
          torch.randn(B, NC, H, K, V, generator=gen, dtype=torch.float64),
          torch.randn(B, H, K, V, generator=gen, dtype=torch.float64))
     calls = []
-    real = _native.delta_rule_backward
-
-    def spy(*a, **kw):
-        out = real(*a, **kw)
-        calls.append(out is not None)
-        return out
+    spy = _spy(_native.delta_rule_backward, calls)
 
     def run(dt, native):
         leaves = [None if x is None else x.to(dt).requires_grad_(True) for x in (q, k, v, g, s0)]
@@ -514,9 +513,7 @@ def test_pool_scores_kernel_equals_eager(monkeypatch, dtype, pooling, pieces, co
     u, k = (torch.randn(2, T, 2, 4, generator=gen, dtype=dtype) for _ in range(2))
     p0 = torch.randn(2, 2, 4, generator=gen, dtype=dtype) if with_pool else None
     w = [torch.randn(2, T, 2, 1, generator=gen, dtype=dtype), None, torch.randn(2, 2, 4, generator=gen, dtype=dtype)]
-    ran = []
-    monkeypatch.setattr(wr._FusedPoolScores, "forward",
-                        staticmethod(lambda ctx, *a, f=wr._FusedPoolScores.forward: ran.append(1) or f(ctx, *a)))
+    ran = _count_forwards(monkeypatch, wr._FusedPoolScores)
 
     def run(native):
         leaves = [x.clone().requires_grad_(True) for x in (u, k)] + ([p0.clone().requires_grad_(True)] if with_pool
